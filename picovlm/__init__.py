@@ -1,0 +1,20 @@
+"""picovlm: tiny vision-language models you can read, train and ship, in pure PyTorch."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from picovlm.models.supravl import SupraVL
+
+
+def load(dir_or_repo: str, device: str = "cpu") -> SupraVL:
+    """Load a checkpoint folder or Hugging Face Hub repo id; returns a model with `.caption()`."""
+    from picovlm.checkpoint import from_pretrained
+
+    return from_pretrained(dir_or_repo, device=device)
+
+
+__all__ = ["__version__", "load"]

@@ -1,0 +1,214 @@
+"""Hub-format checkpoints: a folder with model.safetensors, config.json, tokenizer.json, README.md.
+
+`config.json` carries the published SupraVL-Nano keys (D_MODEL, N_HEADS, N_LAYERS, D_FF,
+VIS_CH, N_VIS, VOCAB_SIZE, MAX_SEQ, IMG_SIZE, bos_token_id, eos_token_id) so the release's
+own loading code reads a picovlm checkpoint, plus the full picovlm config under
+`picovlm_config`. A folder with only the published keys (the released model) loads too.
+
+Weights are safetensors only: nothing is ever unpickled. The tied lm_head is stored once,
+as `tok_emb.weight`, exactly as the published loader expects (it re-ties after loading).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from picovlm import __version__
+from picovlm.config import VLMConfig
+from picovlm.errors import UserError
+from picovlm.io import atomic_dir, find_complete_dir
+from picovlm.models.supravl import SupraVL
+from picovlm.tokenizer import CaptionTokenizer
+
+WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
+SEED_KEYS = ("D_MODEL", "N_HEADS", "N_LAYERS", "D_FF", "VIS_CH", "N_VIS", "VOCAB_SIZE", "MAX_SEQ", "IMG_SIZE")
+
+
+def config_to_json(cfg: VLMConfig) -> dict[str, Any]:
+    return {
+        "model_type": "supravl",
+        "D_MODEL": cfg.lm_hidden_dim,
+        "N_HEADS": cfg.lm_n_heads,
+        "N_LAYERS": cfg.lm_n_blocks,
+        "D_FF": cfg.lm_inter_dim,
+        "VIS_CH": cfg.cnn_channels[-1],
+        "N_VIS": cfg.n_vis_tokens,
+        "VOCAB_SIZE": cfg.lm_vocab_size,
+        "MAX_SEQ": cfg.lm_max_text_len,
+        "IMG_SIZE": cfg.img_size,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "picovlm_version": __version__,
+        "picovlm_config": cfg.to_dict(),
+    }
+
+
+def config_from_json(d: Any, source: str = CONFIG) -> VLMConfig:
+    """picovlm's own config if present, else the published keys (channels VIS_CH/4, /2, /1)."""
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    if "picovlm_config" in d:
+        try:
+            return VLMConfig.from_dict(d["picovlm_config"])
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+    missing = [k for k in SEED_KEYS if k not in d]
+    if missing:
+        raise UserError(f"{source}: missing key(s) {missing}; a SupraVL config needs {list(SEED_KEYS)}")
+    for k in SEED_KEYS:
+        if not isinstance(d[k], int) or isinstance(d[k], bool):
+            raise UserError(f"{source}: {k} must be an integer, got {d[k]!r}")
+    grid = math.isqrt(d["N_VIS"])
+    if grid * grid != d["N_VIS"]:
+        raise UserError(f"{source}: N_VIS={d['N_VIS']} is not a square number of grid cells")
+    vis = d["VIS_CH"]
+    return VLMConfig.from_dict({
+        "img_size": d["IMG_SIZE"], "cnn_channels": [vis // 4, vis // 2, vis], "cnn_grid": grid,
+        "lm_hidden_dim": d["D_MODEL"], "lm_n_heads": d["N_HEADS"], "lm_n_blocks": d["N_LAYERS"],
+        "lm_inter_dim": d["D_FF"], "lm_vocab_size": d["VOCAB_SIZE"], "lm_max_text_len": d["MAX_SEQ"],
+        "bos_token_id": d.get("bos_token_id", 1), "eos_token_id": d.get("eos_token_id", 2),
+    })
+
+
+def model_state(model: SupraVL) -> dict[str, torch.Tensor]:
+    """State dict as saved: contiguous CPU tensors, the tied head stored once (as tok_emb)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.lm_tie_weights:
+        state.pop("lm_head.weight")
+    return state
+
+
+def save_pretrained(model: SupraVL, out_dir: str | Path, metrics: dict[str, Any] | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a complete checkpoint folder atomically (a crash leaves the previous one intact)."""
+    if model.tokenizer is None:
+        raise ValueError("model has no tokenizer attached; set model.tokenizer before saving")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config_to_json(model.cfg), indent=2) + "\n")
+        model.tokenizer.save(tmp / TOKENIZER)
+        (tmp / CARD).write_text(model_card(model, metrics or {}))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return out_dir
+
+
+def resolve_model_dir(dir_or_repo: str | Path) -> Path:
+    """A local checkpoint folder, or a Hub repo id downloaded (and cached) by huggingface_hub."""
+    path = find_complete_dir(dir_or_repo)
+    if path.is_dir():
+        return path
+    text = str(dir_or_repo)
+    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise UserError(f"model folder not found: {text}; pass a folder written by 'picovlm train' "
+                        f"or a Hub repo id like 'user/model'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=[WEIGHTS, CONFIG, TOKENIZER, CARD]))
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot download {text!r} from the Hugging Face Hub ({reason}); "
+                        f"check the repo id and your connection, or pass a local folder") from None
+
+
+def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu") -> SupraVL:
+    """Load a checkpoint folder or Hub repo; the tokenizer is attached as `model.tokenizer`."""
+    path = resolve_model_dir(dir_or_repo)
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if not (path / name).is_file():
+            raise UserError(f"{path} has no {name}; a picovlm checkpoint folder holds "
+                            f"{WEIGHTS}, {CONFIG} and {TOKENIZER}")
+    try:
+        config_json = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / CONFIG} is not valid JSON ({e}); restore it from the saved checkpoint") from None
+    cfg = config_from_json(config_json, str(path / CONFIG))
+    model = SupraVL(cfg)
+    load_weights(model, path / WEIGHTS)
+    tokenizer = CaptionTokenizer.from_file(path / TOKENIZER)
+    if tokenizer.vocab_size > cfg.lm_vocab_size:
+        raise UserError(f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model only "
+                        f"{cfg.lm_vocab_size}; the folder mixes files of different models")
+    model.tokenizer = tokenizer
+    return model.to(device).eval()
+
+
+def load_weights(model: SupraVL, weights_path: Path) -> None:
+    """Load safetensors weights with exact key and shape checks (one-line errors)."""
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read weights {weights_path}: {e}; the file is damaged or not "
+                        f"safetensors (picovlm never loads pickled weights)") from None
+    expected = model.state_dict()
+    optional = {"lm_head.weight"} if model.cfg.lm_tie_weights else set()
+    missing = sorted(set(expected) - set(state) - optional)
+    # The published model keeps its causal-mask buffers in the state dict; they are derived.
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("attn.mask"))
+    if missing or unexpected:
+        raise UserError(f"{weights_path} does not match its config.json: missing {missing[:5]}"
+                        f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                        f"{'...' if len(unexpected) > 5 else ''}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"{weights_path}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    if model.cfg.lm_tie_weights:
+        model.lm_head.weight = model.tok_emb.weight
+
+
+def model_card(model: SupraVL, metrics: dict[str, Any]) -> str:
+    cfg, counts = model.cfg, model.param_counts()
+    rows = "\n".join(f"| {name} | {n:,} |" for name, n in counts["components"].items())
+    metric_rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items()) or "| (none recorded) | |"
+    return f"""---
+license: apache-2.0
+library_name: picovlm
+tags: [image-to-text, vision-language-model, picovlm]
+---
+
+# picovlm SupraVL model
+
+A tiny image-captioning model trained with picovlm (CNN encoder + GPT-2 style decoder,
+prefix concatenation). Load it with `picovlm.load("<this folder or repo id>")`.
+
+## Architecture
+
+| part | setting |
+| --- | --- |
+| visual encoder | {len(cfg.cnn_channels)} x Conv3x3/2-BN-ReLU {list(cfg.cnn_channels)}, \
+pooled to {cfg.cnn_grid}x{cfg.cnn_grid} = {cfg.n_vis_tokens} tokens, \
+Linear {cfg.cnn_channels[-1]} -> {cfg.lm_hidden_dim} |
+| decoder | GPT-2 style, {cfg.lm_n_blocks} layers, d={cfg.lm_hidden_dim}, {cfg.lm_n_heads} heads, \
+MLP {cfg.lm_inter_dim} |
+| context | {cfg.n_vis_tokens} visual + {cfg.lm_max_text_len} text = {cfg.context_len} positions |
+| vocabulary | {cfg.lm_vocab_size} byte-level BPE tokens |
+| input | {cfg.img_size}x{cfg.img_size} RGB, ImageNet mean/std |
+
+## Parameters
+
+| component | parameters |
+| --- | --- |
+{rows}
+
+Unique parameters: {counts['params_unique']:,}. Counting the tied lm_head a second time:
+{counts['params_with_tied_head']:,}.
+
+## Training metrics
+
+| metric | value |
+| --- | --- |
+{metric_rows}
+"""

@@ -1,0 +1,176 @@
+"""The `picovlm` command. Each sub-command is a thin shell over a Python function:
+
+    picovlm demo                      picovlm.demo.run_demo
+    picovlm train --preset P ...      picovlm.train.train
+    picovlm caption IMG --model DIR   picovlm.load(DIR).caption(...)
+    picovlm info PRESET               SupraVL(cfg).param_counts()
+    picovlm data make-shapes DIR      picovlm.data.shapes.make_shapes_dataset
+    picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
+
+User mistakes (`UserError`) print as one line, `picovlm: error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from picovlm.config import PRESETS, TrainConfig, get_preset, parse_overrides
+from picovlm.errors import UserError
+from picovlm.generate import STRATEGIES
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", choices=STRATEGIES, default="beam")
+    p.add_argument("--beam-width", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None, help="seed for topk/topp sampling")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    return {"beam_width": args.beam_width, "length_penalty": args.length_penalty,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="picovlm", description="Tiny vision-language models in pure PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train on the built-in shapes dataset for a few minutes, then caption")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--max-steps", type=int, default=1500)
+    p.add_argument("--n-images", type=int, default=3000)
+
+    p = sub.add_parser("train", help="train a model")
+    p.add_argument("--preset", default="supravl-nano", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--data", default=None, help="dataset folder (Flickr8k layout); default: built-in shapes")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, plots")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--min-lr", type=float, default=TrainConfig.min_lr)
+    p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--augment", action="store_true", help="random resized crop, colour jitter, safe flips")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("caption", help="caption images with a trained model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
+    _add_generation_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("info", help="architecture and parameter counts of a preset")
+    p.add_argument("preset")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("make-shapes", help="write the built-in shapes dataset to a folder")
+    q.add_argument("out")
+    q.add_argument("--n-images", type=int, default=3000)
+    q.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("push-to-hub", help="upload a checkpoint folder to the Hugging Face Hub")
+    p.add_argument("model")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from picovlm.train import train
+
+    cfg = get_preset(args.preset).with_overrides(parse_overrides(args.set))
+    tc = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                     min_lr=args.min_lr, warmup_steps=args.warmup_steps, precision=args.precision,
+                     seed=args.seed, augment=args.augment)
+    summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
+                    progress_bar=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    import picovlm
+
+    model = picovlm.load(args.model)
+    captions = model.caption(args.images, strategy=args.strategy, **_generation_kwargs(args))
+    if args.json:
+        print(json.dumps([{"image": i, "caption": c} for i, c in zip(args.images, captions)], indent=2))
+    else:
+        for image, caption in zip(args.images, captions):
+            print(f"{image}\t{caption}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from picovlm.models.supravl import SupraVL
+
+    cfg = get_preset(args.preset).with_overrides(parse_overrides(args.set))
+    counts = SupraVL(cfg).param_counts()
+    report = {"preset": args.preset, "config": cfg.to_dict(), **counts}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{args.preset}: {cfg.n_vis_tokens} visual + {cfg.lm_max_text_len} text positions, "
+          f"{cfg.img_size}px input")
+    for name, n in counts["components"].items():
+        note = " (tied to tok_emb)" if name == "lm_head" and counts["lm_head_tied"] else ""
+        print(f"  {name:<8} {n:>12,}{note}")
+    print(f"  {'total':<8} {counts['params_unique']:>12,} unique parameters")
+    print(f"  {'':<8} {counts['params_with_tied_head']:>12,} counting the tied lm_head twice")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from picovlm.demo import run_demo
+
+    run_demo(Path(args.out), max_steps=args.max_steps, n_images=args.n_images)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from picovlm.data.shapes import make_shapes_dataset
+
+    out = make_shapes_dataset(args.out, n_images=args.n_images, seed=args.seed)
+    print(f"wrote {args.n_images} images with captions to {out}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from picovlm.hub import push_to_hub
+
+    print(push_to_hub(args.model, args.repo_id, private=args.private))
+
+
+COMMANDS = {"train": cmd_train, "caption": cmd_caption, "info": cmd_info, "demo": cmd_demo,
+            "data": cmd_data, "push-to-hub": cmd_push}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"picovlm: warning: {msg}\n"
+    try:
+        COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"picovlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("picovlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

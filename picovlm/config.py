@@ -1,0 +1,172 @@
+"""Configuration dataclasses and named presets.
+
+One `VLMConfig` describes a whole model. Field prefixes say which component owns a
+hyperparameter, as in nanoVLM: `cnn_` for the convolutional vision encoder, `lm_` for the
+language decoder, no prefix for the image itself and for how the two are fused.
+`TrainConfig` holds everything about optimisation that is not part of the model.
+
+Presets are plain functions of nothing that return a config, so `picovlm info NAME` and
+`picovlm train --preset NAME` always describe the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from picovlm.errors import UserError
+
+
+@dataclass
+class VLMConfig:
+    # --- image ---
+    img_size: int = 112  # images are resized to img_size x img_size
+    img_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
+    img_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # --- vision encoder (CNN) ---
+    vision_type: str = "cnn"
+    cnn_channels: tuple[int, ...] = (16, 32, 64)  # one Conv-BN-ReLU (stride 2) per entry
+    cnn_grid: int = 4  # adaptive pooling to a grid x grid map -> grid**2 visual tokens
+    # --- language decoder (GPT-2 style) ---
+    lm_type: str = "gpt2"
+    lm_hidden_dim: int = 128
+    lm_n_heads: int = 4
+    lm_n_blocks: int = 3
+    lm_inter_dim: int = 256  # width of the MLP's hidden layer
+    lm_vocab_size: int = 2048
+    lm_max_text_len: int = 48  # text positions; the context is n_vis_tokens + this
+    lm_dropout: float = 0.0
+    lm_tie_weights: bool = True  # lm_head shares the token-embedding matrix
+    # --- fusion and special tokens ---
+    fusion: str = "prefix"  # visual tokens first, then text, one causal sequence
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def n_vis_tokens(self) -> int:
+        return self.cnn_grid**2
+
+    @property
+    def context_len(self) -> int:
+        return self.n_vis_tokens + self.lm_max_text_len
+
+    def validate(self) -> None:
+        """Raise UserError for values that cannot build a model."""
+        if self.lm_hidden_dim % self.lm_n_heads:
+            raise UserError(
+                f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}"
+            )
+        positive = ["img_size", "cnn_grid", "lm_hidden_dim", "lm_n_heads", "lm_n_blocks",
+                    "lm_inter_dim", "lm_vocab_size", "lm_max_text_len"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.vision_type != "cnn" or self.lm_type != "gpt2" or self.fusion != "prefix":
+            raise UserError(
+                f"unsupported combination vision_type={self.vision_type!r}, lm_type={self.lm_type!r}, "
+                f"fusion={self.fusion!r}; this version supports cnn + gpt2 + prefix"
+            )
+
+    # --- (de)serialisation -------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+        """Build from a dict, checking names and types so a bad config.json fails clearly."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UserError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        defaults = cls()
+        values = {}
+        for name, value in d.items():
+            values[name] = _coerce(name, value, getattr(defaults, name))
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def with_overrides(self, overrides: dict[str, Any]) -> VLMConfig:
+        return VLMConfig.from_dict({**self.to_dict(), **overrides})
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Check `value` against the type of the field's default; tuples arrive as JSON lists."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise UserError(
+            f"config field {name} has the wrong type: got {value!r}, expected {type(default).__name__}"
+        )
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse repeated `--set field=value` arguments; values are JSON, else plain strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set expects field=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@dataclass
+class TrainConfig:
+    """The seed recipe: 15 epochs, AdamW(0.9, 0.95, wd 0.01), 3e-4 -> cosine -> 3e-5, batch 64."""
+
+    epochs: int = 15
+    max_steps: int | None = None  # stop early after this many optimiser steps
+    batch_size: int = 64
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
+    seed: int = 1337
+    augment: bool = False
+    num_workers: int = 0
+    log_every: int = 10
+    eval_max_batches: int | None = None  # cap on validation batches (None: the whole split)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def supravl_nano() -> VLMConfig:
+    """SupraVL-Nano-900k exactly as published: 3-layer CNN, 4x4 grid, 3-layer GPT-2, d=128."""
+    return VLMConfig()
+
+
+PRESETS = {
+    "supravl-nano": supravl_nano,
+}
+
+
+def get_preset(name: str) -> VLMConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

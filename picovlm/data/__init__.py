@@ -1,0 +1,2 @@
+"""Data: flickr8k (finding and parsing caption folders), images (safe decoding, uint8 cache),
+shapes (the built-in synthetic dataset), batches (training batches from the cache)."""

@@ -1,0 +1,116 @@
+"""Training batches: cached uint8 images + pre-tokenised captions, gathered by index.
+
+Everything an epoch needs sits in memory as two arrays, so a batch is two gathers:
+
+    images   (N_images, S, S, 3) uint8      decoded once, from the on-disk cache
+    tokens   (N_pairs, L + 1) int64         [<bos>, caption..., <eos>, <pad>...], L = lm_max_text_len
+    image_of (N_pairs,)                     which image each caption describes
+
+One epoch visits every (image, caption) pair once, in an order drawn from a generator
+seeded with (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+A batch is trimmed to its longest caption, and normalised to float on the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from picovlm.config import VLMConfig
+from picovlm.data.flickr8k import CaptionSet
+from picovlm.data.images import cached_images
+from picovlm.models.supravl import IGNORE_INDEX
+from picovlm.tokenizer import CaptionTokenizer
+
+_LEFT_RIGHT = ("left", "right")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, S, S, 3) uint8
+    input_ids: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64, IGNORE_INDEX on padding
+    flippable: torch.Tensor  # (B,) bool: the caption says nothing about left or right
+
+
+class CaptionBatches:
+    def __init__(self, data: CaptionSet, tokenizer: CaptionTokenizer, cfg: VLMConfig,
+                 cache_dir: Path | None = None):
+        images, ok = cached_images(data.image_dir, data.names, cfg.img_size, cache_dir)
+        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, S, S, 3) uint8, in RAM
+        self.references = data.captions
+        self.names = data.names
+        max_tokens = cfg.lm_max_text_len + 1  # inputs are tokens[:-1], targets tokens[1:]
+        rows, image_of, flippable, truncated = [], [], [], 0
+        for i, caps in enumerate(data.captions):
+            if not ok[i]:
+                continue
+            for cap in caps:
+                ids = tokenizer.encode(cap)
+                truncated += len(ids) > max_tokens
+                rows.append(ids[:max_tokens])
+                image_of.append(i)
+                flippable.append(not any(w in cap.lower() for w in _LEFT_RIGHT))
+        if truncated:
+            warnings.warn(f"{truncated} caption(s) longer than {cfg.lm_max_text_len} tokens were truncated",
+                          stacklevel=2)
+        if not rows:
+            raise ValueError("no readable (image, caption) pairs")
+        self.tokens = torch.full((len(rows), max_tokens), tokenizer.pad_id, dtype=torch.long)
+        for r, ids in enumerate(rows):
+            self.tokens[r, :len(ids)] = torch.tensor(ids)
+        self.lengths = torch.tensor([len(ids) for ids in rows])
+        self.image_of = torch.tensor(image_of)
+        self.flippable = torch.tensor(flippable)
+        self.ok = torch.from_numpy(ok)
+        self.n_truncated = truncated
+
+    def __len__(self) -> int:
+        """Number of (image, caption) pairs."""
+        return len(self.tokens)
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def epoch(self, batch_size: int, seed: int | None, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches of one epoch; shuffled by `seed` (None: in order). Skips the first start_batch."""
+        if seed is None:
+            order = torch.arange(len(self))
+        else:
+            order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        for b in range(start_batch, self.n_batches(batch_size)):
+            yield self.batch(order[b * batch_size:(b + 1) * batch_size])
+
+    def batch(self, pair_idx: torch.Tensor) -> Batch:
+        t = int(self.lengths[pair_idx].max())
+        tokens = self.tokens[pair_idx, :t]  # (B, t)
+        targets = tokens[:, 1:].clone()
+        targets[targets == 0] = IGNORE_INDEX  # <pad> is id 0 and never a real target
+        return Batch(self.images[self.image_of[pair_idx]], tokens[:, :-1], targets, self.flippable[pair_idx])
+
+
+def augment(images: torch.Tensor, flippable: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop (scale 0.7-1), colour jitter (+-20%), and a horizontal flip only where
+    the caption has no left/right words. (B, 3, S, S) float in, same shape out."""
+    B, _, S, _ = images.shape
+    out = torch.empty_like(images)
+    rand = torch.rand(B, 6, generator=generator)
+    for i in range(B):
+        scale = 0.7 + 0.3 * rand[i, 0].item()
+        side = max(8, int(S * scale**0.5))
+        top = int((S - side) * rand[i, 1].item())
+        left = int((S - side) * rand[i, 2].item())
+        crop = images[i:i + 1, :, top:top + side, left:left + side]
+        out[i] = F.interpolate(crop, size=(S, S), mode="bilinear", align_corners=False)[0]
+        if flippable[i] and rand[i, 3] < 0.5:
+            out[i] = out[i].flip(-1)
+    brightness = 0.8 + 0.4 * rand[:, 4].view(B, 1, 1, 1)
+    contrast = 0.8 + 0.4 * rand[:, 5].view(B, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return (out - mean) * contrast + mean * brightness

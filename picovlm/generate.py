@@ -1,0 +1,208 @@
+"""Caption generation: greedy, top-k, top-p and beam search, batched, with a KV cache.
+
+Every strategy runs the same two phases:
+
+    prefill  [visual tokens, <bos>]  (B, P + 1)  -> logits for the first word   (B, V)
+    decode   one new token per row   (B, 1)      -> logits for the next word    (B, V)
+
+until every row has produced <eos> or the context is full. With `use_cache=False` each
+decode step instead recomputes the whole sequence; it exists to check the cache (both give
+the same tokens) and as the baseline in `benchmarks/`.
+
+Beam search keeps all beams of all images in one (B * W, ...) batch. Its defaults choose
+what the published SupraVL-Nano `generate_beam` chooses: candidates ranked by the sum of
+log-probabilities, a finished beam kept as one candidate, stop once every beam has ended.
+`length_penalty` > 0 ranks by score / ((5 + length) / 6) ** length_penalty instead (GNMT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from picovlm.data.images import load_image, normalize, resize_square
+from picovlm.errors import UserError
+from picovlm.models.supravl import SupraVL
+
+STRATEGIES = ("greedy", "beam", "topk", "topp")
+
+
+@dataclass
+class GenerationConfig:
+    strategy: str = "beam"
+    max_new_tokens: int | None = None  # None: fill the context
+    beam_width: int = 3
+    length_penalty: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+    seed: int | None = None  # for the sampling strategies
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.beam_width < 1 or self.top_k < 1 or not 0 < self.top_p <= 1 or self.temperature <= 0:
+            raise UserError("need beam_width >= 1, top_k >= 1, 0 < top_p <= 1 and temperature > 0")
+
+
+class _Decoder:
+    """Feeds tokens to the model: incrementally through a KV cache, or by full recomputation."""
+
+    def __init__(self, model: SupraVL, visual: torch.Tensor, use_cache: bool):
+        self.model, self.visual, self.use_cache = model, visual, use_cache
+        self.cache = model.new_cache(visual.shape[0]) if use_cache else None
+
+    def prefill(self, seqs: torch.Tensor) -> torch.Tensor:
+        return self.model.next_token_logits(seqs, self.visual, self.cache)  # (B, V)
+
+    def step(self, seqs: torch.Tensor) -> torch.Tensor:
+        """seqs (N, t): all tokens so far, the newest last -> logits (N, V)."""
+        if self.cache is not None:
+            return self.model.next_token_logits(seqs[:, -1:], None, self.cache)
+        return self.model.next_token_logits(seqs, self.visual)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.visual = self.visual.index_select(0, rows)
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+def _max_steps(model: SupraVL, gen: GenerationConfig) -> int:
+    limit = model.cfg.lm_max_text_len  # the longest text input is <bos> + (limit - 1) tokens
+    return limit if gen.max_new_tokens is None else max(0, min(gen.max_new_tokens, limit))
+
+
+@torch.inference_mode()
+def generate(model: SupraVL, images: torch.Tensor, gen: GenerationConfig | None = None) -> list[list[int]]:
+    """images (B, 3, H, W) normalised -> B token lists (no <bos>, cut before <eos>)."""
+    gen = gen or GenerationConfig()
+    gen.validate()
+    model.eval()
+    visual = model.encode_images(images)  # (B, P, D)
+    if gen.strategy == "beam":
+        seqs = _beam_search(model, visual, gen)
+    else:
+        seqs = _sample(model, visual, gen)
+    eos = model.cfg.eos_token_id
+    out = []
+    for row in seqs[:, 1:].tolist():
+        out.append(row[:row.index(eos)] if eos in row else row)
+    return out
+
+
+def _pick_next(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator | None) -> torch.Tensor:
+    """(N, V) logits -> (N,) token ids by the configured strategy."""
+    if gen.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    logits = logits / gen.temperature
+    if gen.strategy == "topk":
+        kth = logits.topk(min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    else:  # topp: keep the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= gen.top_p  # mass before it is enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+def _sample(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
+    B, bos, eos = visual.shape[0], model.cfg.bos_token_id, model.cfg.eos_token_id
+    rng = torch.Generator(device=visual.device).manual_seed(gen.seed) if gen.seed is not None else None
+    decoder = _Decoder(model, visual, gen.use_cache)
+    seqs = torch.full((B, 1), bos, dtype=torch.long, device=visual.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=visual.device)
+    n_steps = _max_steps(model, gen)
+    logits = decoder.prefill(seqs) if n_steps else None
+    for step in range(n_steps):
+        nxt = _pick_next(logits, gen, rng).masked_fill(finished, eos)  # (B,)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        finished |= nxt == eos
+        if finished.all() or step == n_steps - 1:
+            break
+        logits = decoder.step(seqs)
+    return seqs
+
+
+def _beam_search(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
+    B, W, dev = visual.shape[0], gen.beam_width, visual.device
+    bos, eos = model.cfg.bos_token_id, model.cfg.eos_token_id
+    n_steps = _max_steps(model, gen)
+    decoder = _Decoder(model, visual, gen.use_cache)
+    seqs = torch.full((B, 1), bos, dtype=torch.long, device=dev)
+    if n_steps == 0:
+        return seqs
+    logits = decoder.prefill(seqs)  # (B, V): the W beams of an image start identical,
+    decoder.select_rows(torch.arange(B, device=dev).repeat_interleave(W))  # so prefill once
+    logits, seqs = logits.repeat_interleave(W, dim=0), seqs.repeat_interleave(W, dim=0)  # (B*W, ...)
+    scores = torch.full((B, W), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # one live beam to start with, as in the reference
+    finished = torch.zeros(B, W, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, W, device=dev)
+    first_slot = (torch.arange(W, device=dev) == 0).view(1, 1, W)
+    for step in range(n_steps):
+        logp = F.log_softmax(logits, dim=-1).view(B, W, -1)  # (B, W, V)
+        top_lp, top_tok = logp.topk(W, dim=-1)  # (B, W, W): W expansions per beam
+        cand_score = scores[..., None] + top_lp
+        cand_len = (lengths + 1)[..., None].expand(B, W, W)
+        # A finished beam contributes itself once (first slot), unchanged; its other slots are empty.
+        done = finished[..., None]
+        cand_score = torch.where(done, torch.where(first_slot, scores[..., None], float("-inf")), cand_score)
+        cand_tok = torch.where(done, eos, top_tok)
+        cand_len = torch.where(done, lengths[..., None], cand_len)
+        rank = cand_score if gen.length_penalty == 0 else cand_score / ((5 + cand_len) / 6) ** gen.length_penalty
+        # Stable sort: among equal scores the earlier candidate wins, as Python's sorted() does.
+        order = rank.view(B, W * W).sort(dim=-1, descending=True, stable=True).indices[:, :W]  # (B, W)
+        parent = order // W
+        token = cand_tok.view(B, W * W).gather(1, order)
+        scores = cand_score.view(B, W * W).gather(1, order)
+        lengths = cand_len.reshape(B, W * W).gather(1, order)
+        finished = finished.gather(1, parent) | (token == eos)
+        rows = (torch.arange(B, device=dev)[:, None] * W + parent).view(-1)  # (B*W,) parents
+        seqs = torch.cat([seqs.index_select(0, rows), token.view(-1, 1)], dim=1)
+        if finished.all() or step == n_steps - 1:
+            break
+        decoder.select_rows(rows)
+        logits = decoder.step(seqs)
+    return seqs.view(B, W, -1)[:, 0]  # best beam of each image
+
+
+ImageLike = str | Path | Image.Image
+
+
+def preprocess(images: Sequence[ImageLike] | torch.Tensor, model: SupraVL) -> torch.Tensor:
+    """Paths or PIL images -> (B, 3, S, S) normalised float on the model's device."""
+    device = next(model.parameters()).device
+    if isinstance(images, torch.Tensor):
+        return images.to(device)
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    size = model.cfg.img_size
+    arrays = [resize_square(im.convert("RGB") if isinstance(im, Image.Image) else load_image(im), size)
+              for im in images]
+    batch = torch.from_numpy(np.stack(arrays))  # (B, S, S, 3) uint8
+    return normalize(batch, model.cfg.img_mean, model.cfg.img_std).to(device)
+
+
+def caption_images(model: SupraVL, images: Sequence[ImageLike] | torch.Tensor, strategy: str = "beam",
+                   batch_size: int = 64, **kwargs: Any) -> list[str]:
+    """Captions for images, in order. kwargs are GenerationConfig fields."""
+    if model.tokenizer is None:
+        raise ValueError("model has no tokenizer attached; load it with picovlm.load")
+    gen = GenerationConfig(strategy=strategy, **kwargs)
+    pixels = preprocess(images, model)
+    captions: list[str] = []
+    for start in range(0, len(pixels), batch_size):
+        for ids in generate(model, pixels[start:start + batch_size], gen):
+            captions.append(model.tokenizer.decode(ids))
+    return captions

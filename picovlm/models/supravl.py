@@ -1,0 +1,153 @@
+"""SupraVL: a CNN vision encoder and a GPT-2 decoder fused by prefix concatenation.
+
+The whole path from pixels to the next token, with the `supravl-nano` preset
+(B images, T text tokens, D = 128, V = 2048):
+
+    images (B, 3, 112, 112)
+      -> vis_enc (vision_cnn.CNNEncoder)              visual tokens  (B, 16, D)
+    input_ids (B, T)  [<bos>, w1, w2, ...]
+      -> tok_emb                                      text tokens    (B, T, D)
+    cat([visual, text], dim=1)                        sequence       (B, 16 + T, D)
+      + pos_emb(0 .. 16 + T - 1)                      learned absolute positions
+      -> blocks (gpt2.Block x 3, causal)              (B, 16 + T, D)
+      -> ln_f, keep the T text positions              (B, T, D)
+      -> lm_head (tied to tok_emb)                    logits (B, T, V)
+
+Text position t predicts input_ids[t + 1]; the visual tokens are context only and carry
+no loss. Because attention is causal over the whole sequence, every visual token sees only
+the visual tokens before it, and every text token sees all 16 of them.
+
+Attribute names (`vis_enc`, `tok_emb`, `pos_emb`, `blocks.N.*`, `ln_f`, `lm_head`) follow
+the published SupraVL-Nano-900k checkpoint so that checkpoints move both ways.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from picovlm.config import VLMConfig
+from picovlm.kv_cache import KVCache
+from picovlm.models.gpt2 import Block
+from picovlm.models.vision_cnn import CNNEncoder
+
+if TYPE_CHECKING:
+    from picovlm.tokenizer import CaptionTokenizer
+
+IGNORE_INDEX = -100  # target value for positions that carry no loss (padding)
+
+
+class SupraVL(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.vis_enc = CNNEncoder(cfg)
+        self.tok_emb = nn.Embedding(cfg.lm_vocab_size, cfg.lm_hidden_dim)
+        self.pos_emb = nn.Embedding(cfg.context_len, cfg.lm_hidden_dim)
+        self.drop = nn.Dropout(cfg.lm_dropout)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.lm_n_blocks)])
+        self.ln_f = nn.LayerNorm(cfg.lm_hidden_dim)
+        self.lm_head = nn.Linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layers) so the residual
+        # stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.lm_n_blocks))
+        if cfg.lm_tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.tokenizer: CaptionTokenizer | None = None  # attached by picovlm.load / training
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # --- the forward pass ---------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, n_vis_tokens, D) visual tokens."""
+        return self.vis_enc(images)
+
+    def hidden_states(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Run the decoder over [visual?, input_ids]; return the final-normed states of the text.
+
+        input_ids (B, T); visual (B, P, D) is given once, on the first call for a sequence.
+        With a cache, positions continue from `cache.pos`. Returns (B, T, D).
+        """
+        x = self.tok_emb(input_ids)  # (B, T, D)
+        n_text = x.shape[1]
+        if visual is not None:
+            x = torch.cat([visual.to(x.dtype), x], dim=1)  # (B, P + T, D)
+        start = cache.pos if cache is not None else 0
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        x = self.drop(x + self.pos_emb(positions))  # (B, P + T, D)
+        for block in self.blocks:
+            x = block(x, cache)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.ln_f(x[:, -n_text:])  # (B, T, D)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training/eval pass. images (B, 3, H, W), input_ids and targets (B, T).
+
+        Returns logits (B, T, V) and the mean cross-entropy over targets != IGNORE_INDEX.
+        """
+        h = self.hidden_states(input_ids, self.encode_images(images))  # (B, T, D)
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def next_token_logits(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
+                          cache: KVCache | None = None) -> torch.Tensor:
+        """Logits for the token after the last of input_ids: (B, V), in float32."""
+        h = self.hidden_states(input_ids, visual, cache)[:, -1]  # (B, D)
+        return self.lm_head(h).float()
+
+    def new_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.cfg
+        p = self.tok_emb.weight
+        return KVCache(cfg.lm_n_blocks, batch_size, cfg.lm_n_heads, cfg.context_len,
+                       cfg.lm_hidden_dim // cfg.lm_n_heads, dtype=dtype or p.dtype, device=p.device)
+
+    # --- conveniences -------------------------------------------------------
+
+    def param_counts(self) -> dict[str, Any]:
+        """Parameters per component; the tied head counted once (unique) and twice."""
+        def count(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        parts = {
+            "vis_enc": count(self.vis_enc),
+            "tok_emb": count(self.tok_emb),
+            "pos_emb": count(self.pos_emb),
+            "blocks": count(self.blocks),
+            "ln_f": count(self.ln_f),
+            "lm_head": self.lm_head.weight.numel(),
+        }
+        unique = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        tied = self.cfg.lm_tie_weights
+        return {
+            "components": parts,
+            "lm_head_tied": tied,
+            "params_unique": unique,
+            "params_with_tied_head": unique + (parts["lm_head"] if tied else 0),
+        }
+
+    @torch.inference_mode()
+    def caption(self, images: Any, strategy: str = "beam", **kwargs: Any) -> list[str]:
+        """Caption images (paths, PIL images, or a (B, 3, H, W) tensor); see picovlm.generate."""
+        from picovlm.generate import caption_images
+
+        return caption_images(self, images, strategy=strategy, **kwargs)

@@ -1,0 +1,338 @@
+"""The training loop: read it top to bottom like the algorithm.
+
+    prepare data -> build or resume model and optimiser -> for each epoch:
+        for each batch: lr for this step, forward (autocast), backward, clip, step
+        validate, save `last/` (with optimiser/RNG state) and `best/`, plot the losses
+
+Everything a run writes goes to `out/`: `best/` and `last/` checkpoint folders (Hub
+format), `metrics.jsonl` (one JSON object per log line), `loss.png`, `train_config.json`.
+`last/` also holds `training_state.safetensors` + `training_state.json`, so `--resume`
+continues exactly where the run stopped: same weights, optimiser moments, schedule
+position, batch order and random state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from tqdm import tqdm
+
+from picovlm.checkpoint import WEIGHTS, from_pretrained, save_pretrained
+from picovlm.config import TrainConfig, VLMConfig
+from picovlm.data.batches import Batch, CaptionBatches, augment
+from picovlm.data.flickr8k import load_split
+from picovlm.data.images import default_cache_dir, normalize
+from picovlm.data.shapes import ensure_shapes_dataset
+from picovlm.errors import UserError
+from picovlm.io import find_complete_dir
+from picovlm.models.supravl import SupraVL
+from picovlm.tokenizer import CaptionTokenizer
+
+STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
+
+
+def autodetect_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_data_dir() -> Path:
+    """The built-in shapes dataset, generated on first use."""
+    return ensure_shapes_dataset(default_cache_dir() / "shapes-v1")
+
+
+# --- learning rate and precision -------------------------------------------
+
+
+def get_lr(step: int, total_steps: int, tc: TrainConfig) -> float:
+    """Linear warm-up to tc.lr, then cosine decay to tc.min_lr at total_steps."""
+    warmup = min(tc.warmup_steps, max(total_steps // 10, 1))
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """auto: bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU and MPS,
+    where bf16 autocast measured no faster for models this small (benchmarks/train_speed.py)."""
+    if precision == "auto":
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise UserError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    return precision
+
+
+def autocast_context(precision: str, device: str) -> Any:
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype)
+
+
+def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, fused=device == "cuda")
+
+
+# --- data ------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    train: CaptionBatches
+    dev: CaptionBatches
+    tokenizer: CaptionTokenizer
+
+
+def prepare_data(data_dir: Path, cfg: VLMConfig, tokenizer: CaptionTokenizer | None) -> Data:
+    train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
+    if tokenizer is None:
+        tokenizer = CaptionTokenizer.train((c for caps in train_set.captions for c in caps), cfg.lm_vocab_size)
+    return Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer)
+
+
+def to_device(batch: Batch, cfg: VLMConfig, device: str,
+              aug_rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images -> normalised floats (augmented if aug_rng is given), all on the device."""
+    transform = (lambda x: augment(x, batch.flippable, aug_rng)) if aug_rng is not None else None
+    images = normalize(batch.images, cfg.img_mean, cfg.img_std, transform)
+    return images.to(device), batch.input_ids.to(device), batch.targets.to(device)
+
+
+@torch.no_grad()
+def evaluate_loss(model: SupraVL, data: CaptionBatches, tc: TrainConfig, device: str, precision: str) -> float:
+    """Mean token cross-entropy on a split (weighted by the number of target tokens)."""
+    model.eval()
+    total, n_tokens = 0.0, 0
+    for i, batch in enumerate(data.epoch(tc.batch_size, seed=None)):
+        if tc.eval_max_batches is not None and i >= tc.eval_max_batches:
+            break
+        images, input_ids, targets = to_device(batch, model.cfg, device)
+        with autocast_context(precision, device):
+            _, loss = model(images, input_ids, targets)
+        n = int((targets != -100).sum())
+        total, n_tokens = total + loss.item() * n, n_tokens + n
+    model.train()
+    return total / max(n_tokens, 1)
+
+
+# --- checkpoints with training state ---------------------------------------
+
+
+def training_state_files(optimizer: torch.optim.Optimizer, progress: dict[str, Any],
+                         aug_rng: torch.Generator) -> dict[str, bytes]:
+    """Optimiser moments and RNG states as safetensors; counters and param groups as JSON."""
+    opt = optimizer.state_dict()
+    tensors = {f"optim.{idx}.{name}": t.detach().cpu().contiguous()
+               for idx, state in opt["state"].items() for name, t in state.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.augment"] = aug_rng.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {"progress": progress, "param_groups": opt["param_groups"]}
+    return {STATE_TENSORS: save_safetensors_bytes(tensors), STATE_JSON: json.dumps(meta, indent=1).encode()}
+
+
+def restore_training_state(folder: Path, optimizer: torch.optim.Optimizer,
+                           aug_rng: torch.Generator) -> dict[str, Any]:
+    try:
+        tensors = load_safetensors_bytes((folder / STATE_TENSORS).read_bytes())
+        meta = json.loads((folder / STATE_JSON).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot resume from {folder}: training state unreadable ({e}); "
+                        f"start a new run in another --out folder") from None
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    aug_rng.set_state(tensors["rng.augment"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta["progress"]
+
+
+# --- plotting and logging --------------------------------------------------
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (logged batches)", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation (dev split)")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy per token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+# --- the loop --------------------------------------------------------------
+
+
+def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | Path | None = None,
+          resume: bool = False, device: str | None = None, progress_bar: bool = True) -> dict[str, Any]:
+    """Train a model; returns a summary (final losses, time, samples/s, checkpoint paths)."""
+    out = Path(out_dir)
+    device = device or autodetect_device()
+    precision = resolve_precision(tc.precision, device)
+    torch.manual_seed(tc.seed)
+    data_path = Path(data_dir) if data_dir is not None else default_data_dir()
+
+    last_dir = find_complete_dir(out / "last")
+    if resume and not (last_dir / STATE_JSON).is_file():
+        raise UserError(f"nothing to resume in {out}: no {out / 'last' / STATE_JSON}; drop --resume to start")
+    if not resume and (last_dir / WEIGHTS).is_file():
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+
+    if resume:
+        model = from_pretrained(last_dir, device=device)
+        cfg = model.cfg
+    data = prepare_data(data_path, cfg, model.tokenizer if resume else None)
+    if not resume:
+        model = SupraVL(cfg).to(device)
+        model.tokenizer = data.tokenizer
+    model.train()
+
+    optimizer = configure_optimizer(model, tc, device)
+    aug_rng = torch.Generator().manual_seed(tc.seed + 1)
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best_val": float("inf"), "elapsed_s": 0.0}
+    if resume:
+        progress = restore_training_state(last_dir, optimizer, aug_rng)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    batches_per_epoch = data.train.n_batches(tc.batch_size)
+    total_steps = tc.epochs * batches_per_epoch
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, tc.max_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tc.to_dict(),
+                                                       "data": str(data_path), "device": device,
+                                                       "precision": precision}, indent=2))
+    metrics_path = out / "metrics.jsonl"
+    log = metrics_path.open("a")
+
+    step, samples, t_start = progress["step"], 0, time.perf_counter()
+    elapsed_before = progress["elapsed_s"]
+    last_train_loss = float("nan")
+
+    def save(best: bool) -> None:
+        progress.update(step=step, elapsed_s=elapsed_before + time.perf_counter() - t_start)
+        metrics = {"step": step, "train_loss": round(last_train_loss, 4),
+                   "best_val_loss": round(progress["best_val"], 4)}
+        save_pretrained(model, out / "last", metrics, training_state_files(optimizer, progress, aug_rng))
+        if best:
+            save_pretrained(model, out / "best", metrics)
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress_bar,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)  # fewer lines in log files
+    try:
+        for epoch in range(progress["epoch"], tc.epochs):
+            if step >= total_steps:
+                break
+            t_epoch, epoch_samples = time.perf_counter(), 0
+            for batch in data.train.epoch(tc.batch_size, seed=tc.seed * 1000 + epoch, start_batch=progress["batch"]):
+                if step >= total_steps:
+                    break
+                lr = get_lr(step, total_steps, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images, input_ids, targets = to_device(batch, cfg, device, aug_rng if tc.augment else None)
+                with autocast_context(precision, device):
+                    _, loss = model(images, input_ids, targets)
+                if not torch.isfinite(loss):
+                    raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
+                                    f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                step += 1
+                progress["batch"] += 1
+                n = images.shape[0]
+                samples, epoch_samples = samples + n, epoch_samples + n
+                last_train_loss = loss.item()
+                rate = epoch_samples / (time.perf_counter() - t_epoch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_train_loss:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1, refresh=False)
+                if step % tc.log_every == 0 or step == total_steps:
+                    log.write(json.dumps({"step": step, "epoch": epoch + 1, "train_loss": last_train_loss,
+                                          "lr": lr, "samples_per_s": rate}) + "\n")
+                    log.flush()
+            epoch_done = progress["batch"] >= batches_per_epoch
+            val_loss = evaluate_loss(model, data.dev, tc, device, precision)
+            best = val_loss < progress["best_val"]
+            progress["best_val"] = min(val_loss, progress["best_val"])
+            log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
+                                  "epoch_time_s": time.perf_counter() - t_epoch}) + "\n")
+            log.flush()
+            bar.write(f"epoch {epoch + 1}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}")
+            if epoch_done:
+                progress.update(epoch=epoch + 1, batch=0)
+            save(best)
+            plot_losses(metrics_path, out / "loss.png")
+    except KeyboardInterrupt:
+        bar.close()
+        save(best=False)
+        raise UserError(f"interrupted at step {step}; progress saved in {out / 'last'}; "
+                        f"continue with the same command plus --resume") from None
+    finally:
+        bar.close()
+        log.close()
+    elapsed = time.perf_counter() - t_start
+    return {
+        "steps": step,
+        "train_loss": last_train_loss,
+        "val_loss": progress["best_val"],
+        "wall_time_s": elapsed,
+        "total_time_s": elapsed_before + elapsed,
+        "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+        "device": device,
+        "precision": precision,
+        "best": str(out / "best"),
+        "last": str(out / "last"),
+    }

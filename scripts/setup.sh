@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install picovlm with its test tools. Safe to run again (fast when done).
+#   CPU (default here): torch==2.13.0, the CPU build this machine's pip finds locally.
+#   Other machines:     TORCH_INDEX=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
+#   NVIDIA GPU:         TORCH_INDEX=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, picovlm, pytest" >/dev/null 2>&1; then
+  .venv/bin/pip install --quiet --upgrade pip
+  if [ -n "${TORCH_INDEX:-}" ]; then
+    .venv/bin/pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX"
+  else
+    .venv/bin/pip install --quiet "$TORCH_SPEC"
+  fi
+  .venv/bin/pip install --quiet -e ".[dev]"
+fi

@@ -1,0 +1,101 @@
+"""Generation: KV-cache decoding equals full recomputation; batching, limits and EOS behave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import picovlm
+from picovlm.data.flickr8k import load_split
+from picovlm.errors import UserError
+from picovlm.generate import GenerationConfig, generate, preprocess
+from picovlm.kv_cache import KVCache
+from picovlm.models.supravl import SupraVL
+from tests.conftest import tiny_config
+
+STRATEGY_CASES = [
+    GenerationConfig(strategy="greedy"),
+    GenerationConfig(strategy="beam", beam_width=3),
+    GenerationConfig(strategy="beam", beam_width=4, length_penalty=1.0),
+    GenerationConfig(strategy="topk", top_k=20, temperature=0.9, seed=7),
+    GenerationConfig(strategy="topp", top_p=0.8, temperature=1.2, seed=7),
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_pixels(trained_run: Path, shapes_dir: Path) -> tuple[SupraVL, torch.Tensor]:
+    model = picovlm.load(str(trained_run / "best"))
+    dev = load_split(shapes_dir, "dev")
+    return model, preprocess([dev.image_dir / n for n in dev.names[:8]], model)
+
+
+@pytest.mark.parametrize("gen", STRATEGY_CASES, ids=lambda g: f"{g.strategy}-{g.length_penalty}")
+def test_cache_gives_the_tokens_of_full_recomputation(model_and_pixels, gen: GenerationConfig) -> None:
+    model, pixels = model_and_pixels
+    cached = generate(model, pixels, gen)
+    gen_full = GenerationConfig(**{**gen.__dict__, "use_cache": False})
+    assert cached == generate(model, pixels, gen_full)
+    assert any(len(ids) > 2 for ids in cached)
+
+
+def test_untrained_model_cache_equality_on_long_sequences() -> None:
+    """A random model rarely emits <eos>, so this runs to the context limit with the cache full."""
+    torch.manual_seed(1)
+    model = SupraVL(tiny_config()).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    for gen in STRATEGY_CASES:
+        cached = generate(model, pixels, gen)
+        assert cached == generate(model, pixels, GenerationConfig(**{**gen.__dict__, "use_cache": False}))
+        assert max(len(ids) for ids in cached) == model.cfg.lm_max_text_len  # stopped at the context limit
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_batched_equals_one_at_a_time(model_and_pixels, strategy: str) -> None:
+    model, pixels = model_and_pixels
+    gen = GenerationConfig(strategy=strategy)
+    batched = generate(model, pixels, gen)
+    assert batched == [generate(model, pixels[i:i + 1], gen)[0] for i in range(len(pixels))]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(model_and_pixels) -> None:
+    model, pixels = model_and_pixels
+    gen = GenerationConfig(strategy="topk", top_k=50, temperature=2.0, seed=123)
+    assert generate(model, pixels, gen) == generate(model, pixels, gen)
+    other = GenerationConfig(strategy="topk", top_k=50, temperature=2.0, seed=124)
+    assert generate(model, pixels, gen) != generate(model, pixels, other)
+
+
+def test_max_new_tokens_and_eos(model_and_pixels) -> None:
+    model, pixels = model_and_pixels
+    for n in (0, 1, 3):
+        out = generate(model, pixels, GenerationConfig(strategy="greedy", max_new_tokens=n))
+        assert all(len(ids) <= n for ids in out)
+    out = generate(model, pixels, GenerationConfig(strategy="greedy"))
+    eos = model.cfg.eos_token_id
+    assert all(eos not in ids for ids in out)  # cut at the first <eos>
+    assert all(len(ids) < model.cfg.lm_max_text_len for ids in out)  # the trained model stops early
+
+
+def test_topp_with_tiny_p_is_greedy(model_and_pixels) -> None:
+    model, pixels = model_and_pixels
+    greedy = generate(model, pixels, GenerationConfig(strategy="greedy"))
+    assert generate(model, pixels, GenerationConfig(strategy="topp", top_p=1e-6, seed=0)) == greedy
+    assert generate(model, pixels, GenerationConfig(strategy="topk", top_k=1, seed=0)) == greedy
+
+
+def test_bad_generation_settings_are_user_errors(model_and_pixels) -> None:
+    model, pixels = model_and_pixels
+    with pytest.raises(UserError, match="unknown strategy"):
+        generate(model, pixels, GenerationConfig(strategy="nucleus"))
+    with pytest.raises(UserError, match="temperature"):
+        generate(model, pixels, GenerationConfig(strategy="topk", temperature=0))
+
+
+def test_kv_cache_overflow_is_refused() -> None:
+    cache = KVCache(n_layers=1, batch_size=1, n_heads=1, max_len=4, head_dim=2)
+    cache.update(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
+    cache.advance(4)
+    with pytest.raises(ValueError, match="overflow"):
+        cache.update(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
