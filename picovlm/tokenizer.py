@@ -43,6 +43,8 @@ class CaptionTokenizer:
                 raise UserError(f"tokenizer has {token} at id {tokenizer.token_to_id(token)}, expected "
                                 f"{expected_id}; retrain it with picovlm")
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        # A caption that happens to contain "<eos>" is text, not the end of the sequence.
+        tokenizer.encode_special_tokens = True
 
     @property
     def vocab_size(self) -> int:

@@ -310,7 +310,8 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
             log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
                                   "epoch_time_s": time.perf_counter() - t_epoch}) + "\n")
             log.flush()
-            bar.write(f"epoch {epoch + 1}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}")
+            bar.write(f"epoch {epoch + 1}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}",
+                      file=sys.stderr)
             if epoch_done:
                 progress.update(epoch=epoch + 1, batch=0)
             save(best)

@@ -43,7 +43,7 @@ class CaptionBatches:
     def __init__(self, data: CaptionSet, tokenizer: CaptionTokenizer, cfg: VLMConfig,
                  cache_dir: Path | None = None):
         images, ok = cached_images(data.image_dir, data.names, cfg.img_size, cache_dir)
-        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, S, S, 3) uint8, in RAM
+        self.images = torch.from_numpy(np.array(images))  # (N, S, S, 3) uint8, copied into RAM
         self.references = data.captions
         self.names = data.names
         max_tokens = cfg.lm_max_text_len + 1  # inputs are tokens[:-1], targets tokens[1:]

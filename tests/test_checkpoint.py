@@ -1,0 +1,93 @@
+"""Checkpoints: exact round trips, the published config format, atomic saves, Hub upload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import picovlm
+from picovlm import hub
+from picovlm.checkpoint import from_pretrained, save_pretrained
+from picovlm.errors import UserError
+from picovlm.io import atomic_dir, find_complete_dir
+
+
+def test_round_trip_is_exact(tmp_path: Path, trained_run: Path) -> None:
+    model = from_pretrained(trained_run / "best")
+    save_pretrained(model, tmp_path / "copy", metrics={"val_loss": 1.0})
+    again = picovlm.load(str(tmp_path / "copy"))
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert again.lm_head.weight is again.tok_emb.weight
+    assert again.tokenizer.encode("a red circle") == model.tokenizer.encode("a red circle")
+    card = (tmp_path / "copy" / "README.md").read_text()
+    assert "Unique parameters" in card and "| val_loss | 1.0 |" in card
+
+
+def test_published_config_without_picovlm_keys_loads(tmp_path: Path, trained_run: Path) -> None:
+    """A config.json with only the release's keys (as the published model ships) is enough."""
+    import shutil
+
+    shutil.copytree(trained_run / "best", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    original = from_pretrained(tmp_path / "m").cfg
+    published = {k: cfg[k] for k in ("D_MODEL", "N_HEADS", "N_LAYERS", "D_FF", "VIS_CH", "N_VIS", "VOCAB_SIZE",
+                                     "MAX_SEQ", "IMG_SIZE", "bos_token_id", "eos_token_id")}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(published))
+    loaded = from_pretrained(tmp_path / "m").cfg
+    assert (loaded.cnn_channels, loaded.cnn_grid, loaded.lm_hidden_dim) == (original.cnn_channels,
+                                                                            original.cnn_grid, original.lm_hidden_dim)
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, trained_run: Path) -> None:
+    model = from_pretrained(trained_run / "best")
+    save_pretrained(model, tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    with pytest.raises(OSError), atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left behind
+
+
+def test_crash_between_renames_is_recovered(tmp_path: Path, trained_run: Path) -> None:
+    model = from_pretrained(trained_run / "best")
+    save_pretrained(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")  # the state after the first rename of a swap
+    assert find_complete_dir(tmp_path / "ckpt") == tmp_path / "ckpt.old"
+    assert picovlm.load(str(tmp_path / "ckpt")).cfg == model.cfg
+
+
+def test_push_to_hub_uploads_the_checkpoint_files(tmp_path: Path, trained_run: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {}
+
+    class RecordingApi:  # stands in for the network; the folder handling is what is under test
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns, commit_message):
+            calls["upload"] = (repo_id, folder_path, sorted(allow_patterns))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    url = hub.push_to_hub(trained_run / "best", "me/tiny", private=True)
+    assert url.endswith("me/tiny") and calls["create"] == ("me/tiny", True, True)
+    assert calls["upload"][2] == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no model.safetensors"):
+        hub.push_to_hub(tmp_path / "empty", "me/empty")
+
+
+def test_hub_download_offline_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot download 'SupraLabs/SupraVL-Nano-900k'"):
+        picovlm.load("SupraLabs/SupraVL-Nano-900k")

@@ -1,0 +1,147 @@
+"""The `picovlm` command: each verb works, and every user mistake is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from picovlm.cli import main
+from picovlm.data.flickr8k import load_split
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run picovlm in a fresh process, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "picovlm.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("picovlm: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_info_json_reports_both_counts(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", "supravl-nano", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_unique"] == 698_624 and info["params_with_tied_head"] == 960_768
+    assert info["components"]["vis_enc"] == 32_128
+    assert main(["info", "supravl-nano"]) == 0
+    text = capsys.readouterr().out
+    assert "698,624 unique" in text and "960,768 counting the tied lm_head twice" in text
+
+
+def test_info_with_overrides(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info", "supravl-nano", "--json", "--set", "lm_n_blocks=6"]) == 0
+    assert json.loads(capsys.readouterr().out)["components"]["blocks"] == 2 * 395_904
+    assert main(["info", "supravl-nano", "--set", "lm_n_blokcs=6"]) == 2
+    assert "unknown config field" in capsys.readouterr().err
+    assert main(["info", "supravl-giant"]) == 2
+    assert "unknown preset 'supravl-giant'; available presets: supravl-nano" in capsys.readouterr().err
+
+
+def test_caption_cli_text_and_json(trained_run: Path, shapes_dir: Path) -> None:
+    dev = load_split(shapes_dir, "dev")
+    images = [str(dev.image_dir / n) for n in dev.names[:3]]
+    result = run_cli("caption", *images, "--model", str(trained_run / "best"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == images and all(len(ln.split("\t")[1]) > 5 for ln in lines)
+    for strategy in ("greedy", "topk", "topp"):
+        assert main(["caption", images[0], "--model", str(trained_run / "best"), "--strategy", strategy,
+                     "--seed", "1", "--json"]) == 0
+    result = run_cli("caption", images[0], "--model", str(trained_run / "best"), "--json", "--beam-width", "2")
+    assert json.loads(result.stdout)[0]["image"] == images[0]
+
+
+def test_caption_errors(tmp_path: Path, trained_run: Path, shapes_dir: Path) -> None:
+    good = str(next((shapes_dir / "Images").iterdir()))
+    (tmp_path / "broken.jpg").write_text("not a jpeg")
+    assert_one_line_error(run_cli("caption", str(tmp_path / "broken.jpg"), "--model", str(trained_run / "best")),
+                          "broken.jpg")
+    assert_one_line_error(run_cli("caption", good, "--model", str(tmp_path / "no-such-model")),
+                          "model folder not found")
+    assert_one_line_error(run_cli("caption", good, "--model", "someone/some-model"), "Hugging Face Hub")
+
+
+def _copy_model(trained_run: Path, dest: Path) -> Path:
+    shutil.copytree(trained_run / "best", dest)
+    return dest
+
+
+def test_damaged_checkpoints_are_one_line_errors(tmp_path: Path, trained_run: Path, shapes_dir: Path) -> None:
+    image = str(next((shapes_dir / "Images").iterdir()))
+
+    bad_json = _copy_model(trained_run, tmp_path / "bad_json")
+    (bad_json / "config.json").write_text("{not json")
+    assert_one_line_error(run_cli("caption", image, "--model", str(bad_json)), "not valid JSON")
+
+    wrong_type = _copy_model(trained_run, tmp_path / "wrong_type")
+    cfg = json.loads((wrong_type / "config.json").read_text())
+    cfg["picovlm_config"]["lm_n_blocks"] = "three"
+    (wrong_type / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_cli("caption", image, "--model", str(wrong_type)), "lm_n_blocks", "wrong type")
+
+    missing_key = _copy_model(trained_run, tmp_path / "missing_key")
+    cfg = json.loads((missing_key / "config.json").read_text())
+    del cfg["picovlm_config"], cfg["D_MODEL"]
+    (missing_key / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_cli("caption", image, "--model", str(missing_key)), "missing key", "D_MODEL")
+
+    shapes = _copy_model(trained_run, tmp_path / "shapes")
+    cfg = json.loads((shapes / "config.json").read_text())
+    cfg["picovlm_config"]["lm_hidden_dim"] = 64
+    (shapes / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_cli("caption", image, "--model", str(shapes)), "shapes do not match")
+
+    missing = _copy_model(trained_run, tmp_path / "missing_tensor")
+    state = load_file(str(missing / "model.safetensors"))
+    del state["ln_f.weight"]
+    state["extra.weight"] = state["ln_f.bias"].clone()
+    save_file(state, str(missing / "model.safetensors"))
+    assert_one_line_error(run_cli("caption", image, "--model", str(missing)), "ln_f.weight", "extra.weight")
+
+    pickled = _copy_model(trained_run, tmp_path / "pickled")
+    import torch
+
+    torch.save({"tok_emb.weight": torch.zeros(2)}, pickled / "model.safetensors")
+    assert_one_line_error(run_cli("caption", image, "--model", str(pickled)), "never loads pickled")
+
+
+def test_train_cli_errors(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")),
+                          "data folder not found", "captions.txt")
+    assert_one_line_error(run_cli("train", "--preset", "nope", "--out", str(tmp_path / "o")), "unknown preset")
+
+
+def test_train_and_data_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "make-shapes", str(tmp_path / "shapes"), "--n-images", "60"]) == 0
+    assert (tmp_path / "shapes" / "captions.txt").is_file()
+    args = ["train", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--max-steps", "4",
+            "--batch-size", "16", "--no-progress", "--set", "lm_n_blocks=1", "--set", "img_size=32"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args[:-4], "--max-steps", "6", "--resume"]) == 0  # the run's own config is kept
+    assert json.loads(capsys.readouterr().out)["steps"] == 6
+    cfg = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert cfg["N_LAYERS"] == 1 and cfg["IMG_SIZE"] == 32
+
+
+def test_demo_runs_and_reports_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "15", "--n-images", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "dev-split accuracy" in out and "exact match" in out
+    report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
+    assert set(report["dev_accuracy"]) == {"greedy", "beam"}
+    assert 0.0 <= report["dev_accuracy"]["beam"]["attribute_acc"] <= 1.0

@@ -1,0 +1,101 @@
+"""Training: it learns, writes its artefacts, resumes exactly, and fails clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import picovlm.train as train_mod
+from picovlm.config import TrainConfig
+from picovlm.errors import UserError
+from picovlm.models.supravl import SupraVL
+from picovlm.train import get_lr, train
+from tests.conftest import tiny_config
+
+
+def test_trained_run_learns_and_writes_everything(trained_run: Path) -> None:
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 40 and min(val) < 0.5 * val[0]
+    for name in ("loss.png", "train_config.json", "best/model.safetensors", "best/config.json",
+                 "best/tokenizer.json", "best/README.md", "last/training_state.safetensors"):
+        assert (trained_run / name).is_file(), name
+    assert (trained_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_schedule_warms_up_then_decays_to_min() -> None:
+    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [get_lr(s, 100, tc) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[100] == pytest.approx(1e-4)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, shapes_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(lm_dropout=0.1)  # dropout and augmentation make the RNG state matter
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, warmup_steps=3, augment=True, seed=5)
+    train(cfg, tc, tmp_path / "full", data_dir=shapes_dir, progress_bar=False)
+
+    real_get_lr = train_mod.get_lr
+
+    def interrupt_at_step_11(step: int, total: int, tc: TrainConfig) -> float:
+        if step == 11:  # in the middle of the second epoch
+            raise KeyboardInterrupt
+        return real_get_lr(step, total, tc)
+
+    monkeypatch.setattr(train_mod, "get_lr", interrupt_at_step_11)
+    with pytest.raises(UserError, match="interrupted at step 11.*--resume"):
+        train(cfg, tc, tmp_path / "cut", data_dir=shapes_dir, progress_bar=False)
+    monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
+    state = json.loads((tmp_path / "cut" / "last" / "training_state.json").read_text())
+    assert state["progress"]["step"] == 11
+    summary = train(cfg, tc, tmp_path / "cut", data_dir=shapes_dir, resume=True, progress_bar=False)
+    assert summary["steps"] == 16
+    full, resumed = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "cut" / "last")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path: Path, trained_run: Path,
+                                                           shapes_dir: Path) -> None:
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny_config(), TrainConfig(epochs=1), trained_run, data_dir=shapes_dir, progress_bar=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny_config(), TrainConfig(epochs=1), tmp_path / "new", data_dir=shapes_dir, resume=True,
+              progress_bar=False)
+
+
+def test_nan_loss_stops_with_advice(tmp_path: Path, shapes_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_forward = SupraVL.forward
+    calls = {"n": 0}
+
+    def forward_that_diverges(self, images, input_ids, targets=None):
+        logits, loss = real_forward(self, images, input_ids, targets)
+        calls["n"] += 1
+        return logits, loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(SupraVL, "forward", forward_that_diverges)
+    with pytest.raises(UserError, match="step 2.*lower the learning rate"):
+        train(tiny_config(), TrainConfig(epochs=1, batch_size=32), tmp_path / "nan", data_dir=shapes_dir,
+              progress_bar=False)
+
+
+def test_fp16_on_cpu_is_refused(tmp_path: Path, shapes_dir: Path) -> None:
+    with pytest.raises(UserError, match="fp16"):
+        train(tiny_config(), TrainConfig(precision="fp16"), tmp_path / "x", data_dir=shapes_dir, device="cpu")
+
+
+def test_bf16_autocast_trains(tmp_path: Path, shapes_dir: Path) -> None:
+    summary = train(tiny_config(), TrainConfig(epochs=1, batch_size=32, precision="bf16"), tmp_path / "bf16",
+                    data_dir=shapes_dir, progress_bar=False)
+    assert summary["precision"] == "bf16" and summary["val_loss"] < 6.0
