@@ -91,3 +91,17 @@ def test_hub_download_offline_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot download 'SupraLabs/SupraVL-Nano-900k'"):
         picovlm.load("SupraLabs/SupraVL-Nano-900k")
+
+
+def test_model_methods_mirror_the_functions(tmp_path: Path, trained_run: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from picovlm.models.supravl import SupraVL
+
+    model = SupraVL.from_pretrained(trained_run / "best")
+    model.save_pretrained(tmp_path / "m")
+    assert SupraVL.from_pretrained(tmp_path / "m").cfg == model.cfg
+    uploaded = []
+    monkeypatch.setattr(hub, "push_to_hub", lambda folder, repo_id, **kw: uploaded.append(
+        sorted(p.name for p in Path(folder).iterdir())) or f"https://huggingface.co/{repo_id}")
+    assert model.push_to_hub("me/m").endswith("me/m")
+    assert uploaded == [["README.md", "config.json", "model.safetensors", "tokenizer.json"]]

@@ -24,6 +24,7 @@ the published SupraVL-Nano-900k checkpoint so that checkpoints move both ways.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -144,6 +145,28 @@ class SupraVL(nn.Module):
             "params_unique": unique,
             "params_with_tied_head": unique + (parts["lm_head"] if tied else 0),
         }
+
+    def save_pretrained(self, out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+        """Write model.safetensors + config.json + tokenizer.json + README.md (see picovlm.checkpoint)."""
+        from picovlm.checkpoint import save_pretrained
+
+        return save_pretrained(self, out_dir, metrics)
+
+    @classmethod
+    def from_pretrained(cls, dir_or_repo: str | Path, device: str = "cpu") -> SupraVL:
+        """Load a checkpoint folder or Hugging Face Hub repo id."""
+        from picovlm.checkpoint import from_pretrained
+
+        return from_pretrained(dir_or_repo, device=device)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Save to a temporary folder and upload it to the Hub; returns the repo URL."""
+        import tempfile
+
+        from picovlm.hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_to_hub(self.save_pretrained(Path(tmp) / "model"), repo_id, private=private, token=token)
 
     @torch.inference_mode()
     def caption(self, images: Any, strategy: str = "beam", **kwargs: Any) -> list[str]:
