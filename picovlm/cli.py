@@ -3,6 +3,7 @@
     picovlm demo                      picovlm.demo.run_demo
     picovlm train --preset P ...      picovlm.train.train
     picovlm caption IMG --model DIR   picovlm.load(DIR).caption(...)
+    picovlm eval --model DIR --data D picovlm.evaluate.evaluate_captions
     picovlm info PRESET               SupraVL(cfg).param_counts()
     picovlm data make-shapes DIR      picovlm.data.shapes.make_shapes_dataset
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("eval", help="BLEU/METEOR/ROUGE-L/CIDEr and diversity of captions on a split")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="dataset folder (Flickr8k layout)")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--out", default=None, help="folder for eval.json, report.md and examples.png")
+    _add_generation_args(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="architecture and parameter counts of a preset")
     p.add_argument("preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -117,6 +127,23 @@ def cmd_caption(args: argparse.Namespace) -> None:
             print(f"{image}\t{caption}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import picovlm
+    from picovlm.evaluate import evaluate_captions, write_report
+
+    model = picovlm.load(args.model)
+    result = evaluate_captions(model, args.data, args.split, args.strategy, args.limit, **_generation_kwargs(args))
+    if args.out:
+        write_report(result, args.out)
+    summary = {k: result[k] for k in ("split", "strategy", "n_images", "metrics", "diversity")}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{result['n_images']} {args.split} images, {args.strategy} decoding")
+    print("  " + "  ".join(f"{k} {100 * v:.1f}" for k, v in result["metrics"].items()))
+    print("  " + "  ".join(f"{k} {v:.3g}" for k, v in result["diversity"].items()))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from picovlm.models.supravl import SupraVL
 
@@ -154,7 +181,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(push_to_hub(args.model, args.repo_id, private=args.private))
 
 
-COMMANDS = {"train": cmd_train, "caption": cmd_caption, "info": cmd_info, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
             "data": cmd_data, "push-to-hub": cmd_push}
 
 
