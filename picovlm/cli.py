@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--augment", action="store_true", help="random resized crop, colour jitter, safe flips")
+    p.add_argument("--save-every", type=int, default=None, help="also save last/ every N steps")
+    p.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="metrics.jsonl line every N steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
@@ -109,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = get_preset(args.preset).with_overrides(parse_overrides(args.set))
     tc = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, warmup_steps=args.warmup_steps, precision=args.precision,
-                     seed=args.seed, augment=args.augment)
+                     seed=args.seed, augment=args.augment, save_every=args.save_every,
+                     log_every=args.log_every)
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)
     print(json.dumps(summary, indent=2))

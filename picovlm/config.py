@@ -149,6 +149,7 @@ class TrainConfig:
     augment: bool = False
     num_workers: int = 0
     log_every: int = 10
+    save_every: int | None = None  # also save last/ every N steps (default: at the end of each epoch)
     eval_max_batches: int | None = None  # cap on validation batches (None: the whole split)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -11,10 +11,9 @@ from typing import Any
 from picovlm.checkpoint import from_pretrained
 from picovlm.config import TrainConfig, supravl_nano
 from picovlm.data.flickr8k import load_split
-from picovlm.data.images import default_cache_dir
-from picovlm.data.shapes import ensure_shapes_dataset, score_captions
+from picovlm.data.shapes import score_captions
 from picovlm.models.supravl import SupraVL
-from picovlm.train import train
+from picovlm.train import default_data_dir, train
 
 
 def shapes_accuracy(model: SupraVL, data_dir: Path, split: str = "dev", strategy: str = "greedy") -> dict[str, Any]:
@@ -26,7 +25,7 @@ def shapes_accuracy(model: SupraVL, data_dir: Path, split: str = "dev", strategy
 
 
 def run_demo(out: Path, max_steps: int = 1500, n_images: int = 3000, show: int = 8) -> dict[str, Any]:
-    data_dir = ensure_shapes_dataset(default_cache_dir() / f"shapes-v1-{n_images}", n_images=n_images)
+    data_dir = default_data_dir(n_images)
     if (out / "train_config.json").is_file():
         shutil.rmtree(out)  # a previous demo run: start afresh
     print(f"training supravl-nano on the built-in shapes dataset ({data_dir}) for {max_steps} steps")

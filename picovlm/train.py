@@ -17,7 +17,8 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,9 @@ def autodetect_device() -> str:
     return "cpu"
 
 
-def default_data_dir() -> Path:
+def default_data_dir(n_images: int = 3000) -> Path:
     """The built-in shapes dataset, generated on first use."""
-    return ensure_shapes_dataset(default_cache_dir() / "shapes-v1")
+    return ensure_shapes_dataset(default_cache_dir() / f"shapes-v1-{n_images}", n_images=n_images)
 
 
 # --- learning rate and precision -------------------------------------------
@@ -96,6 +97,20 @@ def autocast_context(precision: str, device: str) -> Any:
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype)
+
+
+@contextmanager
+def out_of_memory_advice(batch_size: int) -> Iterator[None]:
+    """Turn running out of (GPU or CPU) memory into advice to use a smaller batch."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text \
+                and "out of memory" not in text:
+            raise
+        raise UserError(f"out of memory with batch size {batch_size}; try --batch-size {max(1, batch_size // 2)}"
+                        ) from None
 
 
 def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, device: str) -> torch.optim.AdamW:
@@ -285,17 +300,18 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 images, input_ids, targets = to_device(batch, cfg, device, aug_rng if tc.augment else None)
-                with autocast_context(precision, device):
-                    _, loss = model(images, input_ids, targets)
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
-                                    f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
+                with out_of_memory_advice(tc.batch_size):
+                    with autocast_context(precision, device):
+                        _, loss = model(images, input_ids, targets)
+                    if not torch.isfinite(loss):
+                        raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
+                                        f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 if scaler is not None:
                     scaler.step(optimizer)
@@ -310,6 +326,8 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                 rate = epoch_samples / (time.perf_counter() - t_epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_train_loss:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1, refresh=False)
+                if tc.save_every and step % tc.save_every == 0 and progress["batch"] < batches_per_epoch:
+                    save(best=False)
                 if step % tc.log_every == 0 or step == total_steps:
                     log.write(json.dumps({"step": step, "epoch": epoch + 1, "train_loss": last_train_loss,
                                           "lr": lr, "samples_per_s": rate}) + "\n")

@@ -99,6 +99,9 @@ def load_caption_folder(root: str | Path) -> tuple[Path, dict[str, list[str]]]:
         image_dir, captions = root / "Flicker8k_Dataset", parse_token_file(_read_text(token_path), str(token_path))
     else:
         raise UserError(f"{root} is not a caption dataset: {LAYOUTS_HELP}")
+    n_empty = sum(not c for v in captions.values() for c in v)
+    if n_empty:
+        warnings.warn(f"{root}: skipped {n_empty} empty caption(s)", stacklevel=2)
     captions = {k: [c for c in v if c] for k, v in captions.items()}
     captions = {k: v for k, v in captions.items() if v}
     if not captions:
