@@ -80,43 +80,66 @@ def _copy_model(trained_run: Path, dest: Path) -> Path:
     return dest
 
 
-def test_damaged_checkpoints_are_one_line_errors(tmp_path: Path, trained_run: Path, shapes_dir: Path) -> None:
-    image = str(next((shapes_dir / "Images").iterdir()))
+def _edit_config(folder: Path, edit) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
 
-    bad_json = _copy_model(trained_run, tmp_path / "bad_json")
-    (bad_json / "config.json").write_text("{not json")
-    assert_one_line_error(run_cli("caption", image, "--model", str(bad_json)), "not valid JSON")
 
-    wrong_type = _copy_model(trained_run, tmp_path / "wrong_type")
-    cfg = json.loads((wrong_type / "config.json").read_text())
-    cfg["picovlm_config"]["lm_n_blocks"] = "three"
-    (wrong_type / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(run_cli("caption", image, "--model", str(wrong_type)), "lm_n_blocks", "wrong type")
+def _bad_json(m: Path) -> None:
+    (m / "config.json").write_text("{not json")
 
-    missing_key = _copy_model(trained_run, tmp_path / "missing_key")
-    cfg = json.loads((missing_key / "config.json").read_text())
-    del cfg["picovlm_config"], cfg["D_MODEL"]
-    (missing_key / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(run_cli("caption", image, "--model", str(missing_key)), "missing key", "D_MODEL")
 
-    shapes = _copy_model(trained_run, tmp_path / "shapes")
-    cfg = json.loads((shapes / "config.json").read_text())
-    cfg["picovlm_config"]["lm_hidden_dim"] = 64
-    (shapes / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(run_cli("caption", image, "--model", str(shapes)), "shapes do not match")
+def _wrong_type(m: Path) -> None:
+    _edit_config(m, lambda c: c["picovlm_config"].update(lm_n_blocks="three"))
 
-    missing = _copy_model(trained_run, tmp_path / "missing_tensor")
-    state = load_file(str(missing / "model.safetensors"))
+
+def _missing_key(m: Path) -> None:
+    _edit_config(m, lambda c: [c.pop("picovlm_config"), c.pop("D_MODEL")])
+
+
+def _wrong_shapes(m: Path) -> None:
+    _edit_config(m, lambda c: c["picovlm_config"].update(lm_hidden_dim=64))
+
+
+def _missing_and_extra_tensors(m: Path) -> None:
+    state = load_file(str(m / "model.safetensors"))
     del state["ln_f.weight"]
     state["extra.weight"] = state["ln_f.bias"].clone()
-    save_file(state, str(missing / "model.safetensors"))
-    assert_one_line_error(run_cli("caption", image, "--model", str(missing)), "ln_f.weight", "extra.weight")
+    save_file(state, str(m / "model.safetensors"))
 
-    pickled = _copy_model(trained_run, tmp_path / "pickled")
+
+def _pickle_as_weights(m: Path) -> None:
     import torch
 
-    torch.save({"tok_emb.weight": torch.zeros(2)}, pickled / "model.safetensors")
-    assert_one_line_error(run_cli("caption", image, "--model", str(pickled)), "never loads pickled")
+    torch.save({"tok_emb.weight": torch.zeros(2)}, m / "model.safetensors")
+
+
+def _truncated_weights(m: Path) -> None:
+    data = (m / "model.safetensors").read_bytes()
+    (m / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _no_tokenizer(m: Path) -> None:
+    (m / "tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (_bad_json, ["config.json", "not valid JSON"]),
+    (_wrong_type, ["lm_n_blocks", "wrong type"]),
+    (_missing_key, ["missing key", "D_MODEL"]),
+    (_wrong_shapes, ["shapes do not match"]),
+    (_missing_and_extra_tensors, ["ln_f.weight", "extra.weight"]),
+    (_pickle_as_weights, ["never loads pickled"]),
+    (_truncated_weights, ["model.safetensors", "damaged"]),
+    (_no_tokenizer, ["has no tokenizer.json"]),
+], ids=lambda x: getattr(x, "__name__", ""))
+def test_damaged_checkpoint_is_a_one_line_error(tmp_path: Path, trained_run: Path, shapes_dir: Path,
+                                                damage, fragments: list[str]) -> None:
+    model = _copy_model(trained_run, tmp_path / "model")
+    damage(model)
+    image = str(next((shapes_dir / "Images").iterdir()))
+    assert_one_line_error(run_cli("caption", image, "--model", str(model)), *fragments)
 
 
 def test_train_cli_errors(tmp_path: Path) -> None:

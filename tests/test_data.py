@@ -64,6 +64,8 @@ def test_parsers() -> None:
     assert parse_token_file("a.jpg#0\thello\n\na.jpg#1\tworld\n") == {"a.jpg": ["hello", "world"]}
     with pytest.raises(UserError, match="TAB"):
         parse_token_file("a.jpg hello\n")
+    with pytest.raises(UserError, match=r"captions.txt:3: expected 'image,caption'"):
+        parse_captions_csv("image,caption\na.jpg,ok\nb.jpg\n")  # a row missing its caption column
 
 
 def test_missing_or_unknown_folder_names_the_layouts(tmp_path: Path) -> None:
@@ -95,14 +97,21 @@ def test_exif_rotation_is_honoured(tmp_path: Path) -> None:
     assert load_image(tmp_path / "rot.jpg").size == (20, 40)
 
 
-def test_bad_images_are_user_errors(tmp_path: Path) -> None:
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("not an image")
-    Image.new("RGB", (64, 64)).save(tmp_path / "full.jpg")
-    (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
-    for name in ("empty.jpg", "text.jpg", "cut.jpg", "missing.jpg"):
-        with pytest.raises(UserError, match=name):
-            load_image(tmp_path / name)
+def _truncated_jpeg(path: Path) -> None:
+    Image.new("RGB", (64, 64)).save(path.with_suffix(".full.jpg"))
+    path.write_bytes(path.with_suffix(".full.jpg").read_bytes()[:200])
+
+
+@pytest.mark.parametrize("name, make", [
+    ("empty.jpg", lambda p: p.write_bytes(b"")),
+    ("text.jpg", lambda p: p.write_text("not an image")),
+    ("cut.jpg", _truncated_jpeg),
+    ("missing.jpg", lambda p: None),
+])
+def test_bad_image_is_a_user_error_naming_the_file(tmp_path: Path, name: str, make) -> None:
+    make(tmp_path / name)
+    with pytest.raises(UserError, match=name):
+        load_image(tmp_path / name)
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
