@@ -206,7 +206,7 @@ MLP {cfg.lm_inter_dim} |
 Unique parameters: {counts['params_unique']:,}. Counting the tied lm_head a second time:
 {counts['params_with_tied_head']:,}.
 
-## Training metrics
+## Training data and metrics
 
 | metric | value |
 | --- | --- |

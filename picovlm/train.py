@@ -280,8 +280,9 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
 
     def save(best: bool) -> None:
         progress.update(step=step, elapsed_s=elapsed_before + time.perf_counter() - t_start)
-        metrics = {"step": step, "train_loss": round(last_train_loss, 4),
-                   "best_val_loss": round(progress["best_val"], 4)}
+        metrics = {"training data": f"{data_path.name} ({len(data.train)} train / {len(data.dev)} dev captions)",
+                   "step": step, "epochs": tc.epochs, "batch size": tc.batch_size,
+                   "train_loss": round(last_train_loss, 4), "best_val_loss": round(progress["best_val"], 4)}
         save_pretrained(model, out / "last", metrics, training_state_files(optimizer, progress, aug_rng))
         if best:
             save_pretrained(model, out / "best", metrics)
