@@ -4,6 +4,7 @@
     picovlm train --preset P ...      picovlm.train.train
     picovlm caption IMG --model DIR   picovlm.load(DIR).caption(...)
     picovlm eval --model DIR --data D picovlm.evaluate.evaluate_captions
+    picovlm explain IMG --model DIR   picovlm.explain.explain + draw_explanation
     picovlm info PRESET               SupraVL(cfg).param_counts()
     picovlm data make-shapes DIR      picovlm.data.shapes.make_shapes_dataset
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
@@ -86,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("explain", help="per-word attention maps over the image, as a PNG strip")
+    p.add_argument("image")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", default="maps.png")
+    p.add_argument("--per-layer", action="store_true", help="add one row per decoder layer")
+    _add_generation_args(p)
+    p.set_defaults(strategy="greedy")
+
     p = sub.add_parser("info", help="architecture and parameter counts of a preset")
     p.add_argument("preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -147,6 +156,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print("  " + "  ".join(f"{k} {v:.3g}" for k, v in result["diversity"].items()))
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    import picovlm
+    from picovlm.explain import draw_explanation, explain
+
+    model = picovlm.load(args.model)
+    expl = explain(model, args.image, strategy=args.strategy, **_generation_kwargs(args))
+    out = draw_explanation(expl, args.out, per_layer=args.per_layer)
+    print(f"{expl.caption}\nattention maps: {out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from picovlm.models.supravl import SupraVL
 
@@ -184,8 +203,8 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(push_to_hub(args.model, args.repo_id, private=args.private))
 
 
-COMMANDS = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo,
-            "data": cmd_data, "push-to-hub": cmd_push}
+COMMANDS = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
+            "info": cmd_info, "demo": cmd_demo, "data": cmd_data, "push-to-hub": cmd_push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,8 @@ positions come from the cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.lm_dropout
         self.qkv = nn.Linear(cfg.lm_hidden_dim, 3 * cfg.lm_hidden_dim, bias=False)
         self.proj = nn.Linear(cfg.lm_hidden_dim, cfg.lm_hidden_dim, bias=False)
+        # picovlm.explain sets record_attention: the softmax is then computed explicitly, used for
+        # the output, and kept in `attention` (B, H, T, T_keys), so the maps are the real weights.
+        self.record_attention = False
+        self.attention: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, D = x.shape
@@ -51,10 +57,26 @@ class CausalSelfAttention(nn.Module):
             # plus the new keys up to itself.
             mask = _causal_mask_with_offset(T, k.shape[2], x.device) if T > 1 else None
             is_causal = False
-        dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+        if self.record_attention:
+            y = self._attend_and_record(q, k, v, mask, is_causal)
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y)
+
+
+    def _attend_and_record(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) v written out, keeping the weights. (B, H, T, hd) out."""
+        t_q, t_k = q.shape[2], k.shape[2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T_keys)
+        if is_causal:
+            mask = _causal_mask_with_offset(t_q, t_k, q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        self.attention = scores.softmax(dim=-1)
+        return self.attention @ v
 
 
 def _causal_mask_with_offset(t_new: int, t_total: int, device: torch.device) -> torch.Tensor:
