@@ -5,6 +5,7 @@
     picovlm caption IMG --model DIR   picovlm.load(DIR).caption(...)
     picovlm eval --model DIR --data D picovlm.evaluate.evaluate_captions
     picovlm explain IMG --model DIR   picovlm.explain.explain + draw_explanation
+    picovlm serve --model DIR         picovlm.serve.serve
     picovlm info PRESET               SupraVL(cfg).param_counts()
     picovlm data make-shapes DIR      picovlm.data.shapes.make_shapes_dataset
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.set_defaults(strategy="greedy")
 
+    p = sub.add_parser("serve", help="web demo and JSON API (POST /caption, POST /explain, GET /health)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
     p = sub.add_parser("info", help="architecture and parameter counts of a preset")
     p.add_argument("preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -166,6 +172,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
     print(f"{expl.caption}\nattention maps: {out}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from picovlm.serve import serve
+
+    serve(args.model, args.host, args.port)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from picovlm.models.supravl import SupraVL
 
@@ -204,7 +216,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
-            "info": cmd_info, "demo": cmd_demo, "data": cmd_data, "push-to-hub": cmd_push}
+            "serve": cmd_serve, "info": cmd_info, "demo": cmd_demo, "data": cmd_data, "push-to-hub": cmd_push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

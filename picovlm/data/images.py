@@ -13,6 +13,7 @@ modification times of the files) decides whether an existing cache is still vali
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -35,8 +36,17 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str = "upload") -> Image.Image:
+    """The same as load_image, for bytes received from elsewhere (an HTTP upload)."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, path: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{path}: {im.width}x{im.height} pixels is too large (decompression bomb?); "
                                 f"resize it below {MAX_IMAGE_PIXELS} pixels")

@@ -1,0 +1,141 @@
+"""The web demo and JSON API, end to end over HTTP, and once through a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import picovlm
+from picovlm.data.flickr8k import load_split
+from picovlm.serve import make_server
+
+
+@pytest.fixture(scope="module")
+def server(trained_run: Path):
+    model = picovlm.load(str(trained_run / "best"))
+    srv = make_server(model, "tiny-test-model", port=0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", model
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url: str, body: bytes, content_type: str = "image/jpeg") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _image(shapes_dir: Path, i: int = 0) -> Path:
+    dev = load_split(shapes_dir, "dev")
+    return dev.image_dir / dev.names[i]
+
+
+def test_health_and_page(server) -> None:
+    base, model = server
+    with urllib.request.urlopen(base + "/health") as r:
+        health = json.loads(r.read())
+    assert health == {"status": "ok", "model": "tiny-test-model",
+                      "params_unique": model.param_counts()["params_unique"]}
+    with urllib.request.urlopen(base + "/") as r:
+        page = r.read().decode()
+    assert 'id="file"' in page and 'id="strategy"' in page
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_caption_matches_the_python_api(server, shapes_dir: Path, strategy: str) -> None:
+    base, model = server
+    image = _image(shapes_dir)
+    status, result = _post(f"{base}/caption?strategy={strategy}", image.read_bytes())
+    assert status == 200 and result["caption"] == model.caption([image], strategy=strategy)[0]
+
+
+def test_explain_returns_words_with_maps(server, shapes_dir: Path) -> None:
+    base, model = server
+    status, result = _post(f"{base}/explain?strategy=greedy", _image(shapes_dir).read_bytes(), "image/png")
+    assert status == 200 and " ".join(w["word"] for w in result["words"]) == result["caption"]
+    grid = model.cfg.cnn_grid
+    for w in result["words"]:
+        assert w["heatmap"].startswith("data:image/png;base64,")
+        assert len(w["grid"]) == grid and 0 < w["mass"] <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("path, body, content_type, status, fragment", [
+    ("/caption", b"hello", "text/plain", 415, "not an image"),
+    ("/caption", b"\xff\xd8\xff garbage", "image/jpeg", 400, "cannot read image"),
+    ("/caption", b"", "image/jpeg", 400, "empty"),
+    ("/caption?strategy=nucleus", b"x", "image/jpeg", 400, "unknown strategy"),
+    ("/caption?beam_width=three", b"x", "image/jpeg", 400, "must be a number"),
+    ("/nowhere", b"x", "image/jpeg", 404, "no endpoint"),
+])
+def test_bad_uploads_get_clear_errors(server, path: str, body: bytes, content_type: str, status: int,
+                                      fragment: str) -> None:
+    got, result = _post(server[0] + path, body, content_type)
+    assert got == status and fragment in result["error"]
+
+
+def test_oversized_upload_is_refused_before_reading_it(server) -> None:
+    import http.client
+    from urllib.parse import urlparse
+
+    url = urlparse(server[0])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.putrequest("POST", "/caption")
+    conn.putheader("Content-Type", "image/jpeg")
+    conn.putheader("Content-Length", str(10 * 1024 * 1024 + 1))
+    conn.endheaders()  # the body is never sent: the server answers from the header alone
+    response = conn.getresponse()
+    assert response.status == 413 and "limit is 10 MB" in json.loads(response.read())["error"]
+    conn.close()
+
+
+def test_concurrent_requests_are_all_served(server, shapes_dir: Path) -> None:
+    base, model = server
+    images = [_image(shapes_dir, i) for i in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda p: _post(f"{base}/caption?strategy=greedy", p.read_bytes()), images))
+    assert [r[0] for r in results] == [200] * 6
+    assert [r[1]["caption"] for r in results] == model.caption(images, strategy="greedy")
+
+
+def test_page_in_headless_chromium(server, shapes_dir: Path) -> None:
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver; scripts/test.sh installs them when run as root")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    base, model = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(base + "/")
+        image = _image(shapes_dir, 1)
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        Select(driver.find_element(By.ID, "strategy")).select_by_value("greedy")
+        driver.find_element(By.ID, "go").click()
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "caption").text not in ("", "…"))
+        assert driver.find_element(By.ID, "caption").text == model.caption([image], strategy="greedy")[0]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#maps figure")) == len(
+            driver.find_element(By.ID, "caption").text.split())
+        assert "tiny-test-model" in driver.find_element(By.ID, "model").text
+    finally:
+        driver.quit()
