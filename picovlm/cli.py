@@ -6,6 +6,7 @@
     picovlm eval --model DIR --data D picovlm.evaluate.evaluate_captions
     picovlm explain IMG --model DIR   picovlm.explain.explain + draw_explanation
     picovlm serve --model DIR         picovlm.serve.serve
+    picovlm sweep GRID.yaml           picovlm.sweep.run_sweep
     picovlm info PRESET               SupraVL(cfg).param_counts()
     picovlm data make-shapes DIR      picovlm.data.shapes.make_shapes_dataset
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
 
+    p = sub.add_parser("sweep", help="train a grid of configurations; tables and plots to compare them")
+    p.add_argument("grid", help="YAML file: preset, data, train settings, grid of config values")
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--log", choices=["tensorboard"], default=None, help="also log each run (off by default)")
+
     p = sub.add_parser("info", help="architecture and parameter counts of a preset")
     p.add_argument("preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -178,6 +184,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, args.host, args.port)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from picovlm.sweep import run_sweep
+
+    rows = run_sweep(args.grid, args.out, log=args.log)
+    print((Path(args.out) / "sweep.md").read_text())
+    print(f"{len(rows)} runs; tables and plots in {args.out}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from picovlm.models.supravl import SupraVL
 
@@ -216,7 +230,8 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
-            "serve": cmd_serve, "info": cmd_info, "demo": cmd_demo, "data": cmd_data, "push-to-hub": cmd_push}
+            "serve": cmd_serve, "sweep": cmd_sweep, "info": cmd_info, "demo": cmd_demo, "data": cmd_data,
+            "push-to-hub": cmd_push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from picovlm.data.images import default_cache_dir, normalize
 from picovlm.data.shapes import ensure_shapes_dataset
 from picovlm.errors import UserError
 from picovlm.io import find_complete_dir
-from picovlm.models.supravl import SupraVL
+from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
@@ -159,7 +159,7 @@ def evaluate_loss(model: SupraVL, data: CaptionBatches, tc: TrainConfig, device:
         images, input_ids, targets = to_device(batch, model.cfg, device)
         with autocast_context(precision, device):
             _, loss = model(images, input_ids, targets)
-        n = int((targets != -100).sum())
+        n = int((targets != IGNORE_INDEX).sum())
         total, n_tokens = total + loss.item() * n, n_tokens + n
     model.train()
     return total / max(n_tokens, 1)
@@ -274,7 +274,8 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
     metrics_path = out / "metrics.jsonl"
     log = metrics_path.open("a")
 
-    step, samples, t_start = progress["step"], 0, time.perf_counter()
+    step, samples, tokens, t_start = progress["step"], 0, 0, time.perf_counter()
+    last_val_loss = float("nan")
     elapsed_before = progress["elapsed_s"]
     last_train_loss = float("nan")
 
@@ -323,6 +324,7 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                 progress["batch"] += 1
                 n = images.shape[0]
                 samples, epoch_samples = samples + n, epoch_samples + n
+                tokens += int((targets != IGNORE_INDEX).sum())  # text tokens that carried loss
                 last_train_loss = loss.item()
                 rate = epoch_samples / (time.perf_counter() - t_epoch)
                 bar.update(1)
@@ -334,7 +336,7 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                                           "lr": lr, "samples_per_s": rate}) + "\n")
                     log.flush()
             epoch_done = progress["batch"] >= batches_per_epoch
-            val_loss = evaluate_loss(model, data.dev, tc, device, precision)
+            val_loss = last_val_loss = evaluate_loss(model, data.dev, tc, device, precision)
             best = val_loss < progress["best_val"]
             progress["best_val"] = min(val_loss, progress["best_val"])
             log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
@@ -358,10 +360,12 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
     return {
         "steps": step,
         "train_loss": last_train_loss,
-        "val_loss": progress["best_val"],
+        "best_val_loss": progress["best_val"],
+        "last_val_loss": last_val_loss,
         "wall_time_s": elapsed,
         "total_time_s": elapsed_before + elapsed,
         "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "device": device,
         "precision": precision,
         "best": str(out / "best"),

@@ -98,4 +98,4 @@ def test_fp16_on_cpu_is_refused(tmp_path: Path, shapes_dir: Path) -> None:
 def test_bf16_autocast_trains(tmp_path: Path, shapes_dir: Path) -> None:
     summary = train(tiny_config(), TrainConfig(epochs=1, batch_size=32, precision="bf16"), tmp_path / "bf16",
                     data_dir=shapes_dir, progress_bar=False)
-    assert summary["precision"] == "bf16" and summary["val_loss"] < 6.0
+    assert summary["precision"] == "bf16" and summary["best_val_loss"] < 6.0
