@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -97,6 +99,53 @@ def autocast_context(precision: str, device: str) -> Any:
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype)
+
+
+class StopOnInterrupt:
+    """The first Ctrl-C asks the loop to stop after the current step (so the saved state is whole);
+    a second one stops at once. Only installed in the main thread, where signals arrive."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train_step(model: SupraVL, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tc: TrainConfig, precision: str,
+               device: str, step: int) -> float:
+    """One optimiser step: forward under autocast, backward (scaled for fp16), clip, update."""
+    images, input_ids, targets = batch
+    with out_of_memory_advice(tc.batch_size):
+        with autocast_context(precision, device):
+            _, loss = model(images, input_ids, targets)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
+                            f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.item()
 
 
 @contextmanager
@@ -290,6 +339,7 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress_bar,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # fewer lines in log files
+    stop = StopOnInterrupt()
     try:
         for epoch in range(progress["epoch"], tc.epochs):
             if step >= total_steps:
@@ -302,30 +352,13 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 images, input_ids, targets = to_device(batch, cfg, device, aug_rng if tc.augment else None)
-                with out_of_memory_advice(tc.batch_size):
-                    with autocast_context(precision, device):
-                        _, loss = model(images, input_ids, targets)
-                    if not torch.isfinite(loss):
-                        raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
-                                        f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                last_train_loss = train_step(model, optimizer, scaler, (images, input_ids, targets), tc, precision,
+                                             device, step)
                 step += 1
                 progress["batch"] += 1
                 n = images.shape[0]
                 samples, epoch_samples = samples + n, epoch_samples + n
                 tokens += int((targets != IGNORE_INDEX).sum())  # text tokens that carried loss
-                last_train_loss = loss.item()
                 rate = epoch_samples / (time.perf_counter() - t_epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_train_loss:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1, refresh=False)
@@ -335,6 +368,8 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                     log.write(json.dumps({"step": step, "epoch": epoch + 1, "train_loss": last_train_loss,
                                           "lr": lr, "samples_per_s": rate}) + "\n")
                     log.flush()
+                if stop.requested:
+                    raise KeyboardInterrupt
             epoch_done = progress["batch"] >= batches_per_epoch
             val_loss = last_val_loss = evaluate_loss(model, data.dev, tc, device, precision)
             best = val_loss < progress["best_val"]
@@ -350,10 +385,14 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
             plot_losses(metrics_path, out / "loss.png")
     except KeyboardInterrupt:
         bar.close()
+        if not stop.requested:  # a second Ctrl-C, or one outside the step loop: the state may be torn
+            raise UserError(f"stopped at once; {out / 'last'} holds the last checkpoint; continue from it with "
+                            f"the same command plus --resume") from None
         save(best=False)
-        raise UserError(f"interrupted at step {step}; progress saved in {out / 'last'}; "
+        raise UserError(f"interrupted after step {step}; progress saved in {out / 'last'}; "
                         f"continue with the same command plus --resume") from None
     finally:
+        stop.restore()
         bar.close()
         log.close()
     elapsed = time.perf_counter() - t_start

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -47,17 +49,17 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, shapes_dir
 
     real_get_lr = train_mod.get_lr
 
-    def interrupt_at_step_11(step: int, total: int, tc: TrainConfig) -> float:
-        if step == 11:  # in the middle of the second epoch
-            raise KeyboardInterrupt
+    def ctrl_c_during_step_11(step: int, total: int, tc: TrainConfig) -> float:
+        if step == 11:  # in the middle of the second epoch, as a user's Ctrl-C would arrive
+            os.kill(os.getpid(), signal.SIGINT)
         return real_get_lr(step, total, tc)
 
-    monkeypatch.setattr(train_mod, "get_lr", interrupt_at_step_11)
-    with pytest.raises(UserError, match="interrupted at step 11.*--resume"):
+    monkeypatch.setattr(train_mod, "get_lr", ctrl_c_during_step_11)
+    with pytest.raises(UserError, match="interrupted after step 12.*--resume"):
         train(cfg, tc, tmp_path / "cut", data_dir=shapes_dir, progress_bar=False)
     monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
     state = json.loads((tmp_path / "cut" / "last" / "training_state.json").read_text())
-    assert state["progress"]["step"] == 11
+    assert state["progress"]["step"] == 12  # the step under way was finished, then saved
     summary = train(cfg, tc, tmp_path / "cut", data_dir=shapes_dir, resume=True, progress_bar=False)
     assert summary["steps"] == 16
     full, resumed = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "cut" / "last")
@@ -99,3 +101,20 @@ def test_bf16_autocast_trains(tmp_path: Path, shapes_dir: Path) -> None:
     summary = train(tiny_config(), TrainConfig(epochs=1, batch_size=32, precision="bf16"), tmp_path / "bf16",
                     data_dir=shapes_dir, progress_bar=False)
     assert summary["precision"] == "bf16" and summary["best_val_loss"] < 6.0
+
+
+def test_second_ctrl_c_stops_at_once_without_saving_a_torn_state(tmp_path: Path, shapes_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_get_lr = train_mod.get_lr
+
+    def double_ctrl_c(step: int, total: int, tc: TrainConfig) -> float:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_lr(step, total, tc)
+
+    monkeypatch.setattr(train_mod, "get_lr", double_ctrl_c)
+    with pytest.raises(UserError, match="stopped at once"):
+        train(tiny_config(), TrainConfig(epochs=1, batch_size=16), tmp_path / "x", data_dir=shapes_dir,
+              progress_bar=False)
+    assert not (tmp_path / "x" / "last").exists()  # nothing half-done was written
