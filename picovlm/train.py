@@ -106,13 +106,15 @@ class StopOnInterrupt:
     a second one stops at once. Only installed in the main thread, where signals arrive."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = False  # finish the step, save, stop
+        self.forced = False  # stop now, save nothing
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            self.forced = True
             raise KeyboardInterrupt
         self.requested = True
         print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
@@ -385,7 +387,7 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
             plot_losses(metrics_path, out / "loss.png")
     except KeyboardInterrupt:
         bar.close()
-        if not stop.requested:  # a second Ctrl-C, or one outside the step loop: the state may be torn
+        if stop.forced or not stop.requested:  # a second Ctrl-C, or a plain KeyboardInterrupt: maybe torn
             raise UserError(f"stopped at once; {out / 'last'} holds the last checkpoint; continue from it with "
                             f"the same command plus --resume") from None
         save(best=False)
