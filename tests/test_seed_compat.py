@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import picovlm
+from benchmarks.published_supravl import RefVLM, generate_beam, load_published, preprocess
 from picovlm.checkpoint import save_pretrained
 from picovlm.config import supravl_nano
 from picovlm.data.flickr8k import load_split
 from picovlm.generate import preprocess as picovlm_preprocess
 from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import CaptionTokenizer
-from tests.published_supravl import RefVLM, generate_beam, load_published, preprocess
 
 
 def test_supravl_nano_key_set_and_shapes_match_published(tmp_path: Path, shapes_dir: Path) -> None:
@@ -69,3 +69,15 @@ def test_random_supravl_nano_beam_matches_published(tmp_path: Path, shapes_dir: 
     paths = [dev.image_dir / n for n in dev.names[:2]]
     expected = [generate_beam(ref, tokenizer, cfg, preprocess(p, cfg)) for p in paths]
     assert ours.caption(paths, strategy="beam", beam_width=3) == expected
+
+
+def test_naive_greedy_matches_picovlm_greedy(trained_run: Path, shapes_dir: Path) -> None:
+    from benchmarks.published_supravl import generate_greedy
+
+    folder = trained_run / "best"
+    ref, tokenizer, cfg = load_published(folder)
+    ours = picovlm.load(str(folder))
+    dev = load_split(shapes_dir, "dev")
+    paths = [dev.image_dir / n for n in dev.names[:6]]
+    expected = [generate_greedy(ref, tokenizer, cfg, preprocess(p, cfg), cfg["MAX_SEQ"]) for p in paths]
+    assert ours.caption(paths, strategy="greedy") == expected

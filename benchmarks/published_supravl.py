@@ -5,6 +5,9 @@ The release post's quick start defines its model with these module names and loa
 captions with a list-based beam search that recomputes the whole sequence every step. This
 file rebuilds that behaviour independently (it is test code, not part of picovlm) so the
 tests can check that a picovlm checkpoint works in the published code unchanged.
+
+It is also the straightforward baseline of the speed benchmarks: manual softmax attention, fp32,
+and decoding that recomputes the whole sequence at every step, one beam (or image) at a time.
 """
 
 from __future__ import annotations
@@ -139,3 +142,18 @@ def generate_beam(model: RefVLM, tokenizer: Tokenizer, cfg: dict, img: torch.Ten
         if all(seq[-1] == eos for _, seq in beams):
             break
     return tokenizer.decode([t for t in beams[0][1] if t not in (bos, eos)])
+
+
+@torch.no_grad()
+def generate_greedy(model: RefVLM, tokenizer: Tokenizer, cfg: dict, img: torch.Tensor, max_new: int = 48) -> str:
+    """Greedy decoding the straightforward way: the whole sequence recomputed for every token."""
+    bos, eos = cfg.get("bos_token_id", 1), cfg.get("eos_token_id", 2)
+    img_tokens = model.vis_enc(img)
+    seq = [bos]
+    for _ in range(max_new):
+        logits = model(img_tokens, torch.tensor([seq]))
+        nxt = int(logits[0, model.n_vis + len(seq) - 1].argmax())
+        seq.append(nxt)
+        if nxt == eos:
+            break
+    return tokenizer.decode([t for t in seq if t not in (bos, eos)])
