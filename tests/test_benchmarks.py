@@ -1,0 +1,36 @@
+"""Every benchmark script runs (with small settings) and prints the JSON it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from picovlm.data.flickr8k import load_split
+
+ROOT = Path(__file__).parent.parent
+
+
+def _run(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, check=True, capture_output=True, text=True,
+                         timeout=600)
+    return json.loads(out.stdout)
+
+
+def test_caption_speed(trained_run: Path, shapes_dir: Path) -> None:
+    report = _run("benchmarks.caption_speed", "--model", str(trained_run / "best"), "--data", str(shapes_dir),
+                  "--n-single", "2", "--batch", "4")
+    assert report["identical_captions"] is True
+    assert report["one_image"]["beam3"]["picovlm_ms_p50"] > 0 and report["batch_4"]["greedy"]["speedup"] > 0
+
+
+def test_caption_memory(trained_run: Path, shapes_dir: Path) -> None:
+    image = str(load_split(shapes_dir, "dev").image_dir / load_split(shapes_dir, "dev").names[0])
+    report = _run("benchmarks.caption_memory", "--model", str(trained_run / "best"), image)
+    assert report["picovlm_caption_peak_rss_mb"] > report["import_torch_only_peak_rss_mb"] > 50
+
+
+def test_train_precision() -> None:
+    report = _run("benchmarks.train_precision", "--rounds", "1", "--steps", "2", "--batch-size", "8")
+    assert set(report["best_samples_per_s"]) == {"fp32", "bf16"} and report["bf16_over_fp32"] > 0
