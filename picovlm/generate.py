@@ -70,9 +70,10 @@ class _Decoder:
         return self.model.next_token_logits(seqs, self.visual)
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        self.visual = self.visual.index_select(0, rows)
         if self.cache is not None:
-            self.cache.reorder(rows)
+            self.cache.reorder(rows)  # with a cache, the visual prefix lives in it already
+        else:
+            self.visual = self.visual.index_select(0, rows)
 
 
 def _max_steps(model: SupraVL, gen: GenerationConfig) -> int:
