@@ -10,7 +10,10 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, picovlm, pytest" >/dev/null 2>&1; then
+# Reinstall when pyproject.toml changed since the last install (new dependencies).
+STAMP=$(sha1sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat .venv/.picovlm-installed 2>/dev/null)" != "$STAMP" ] || \
+   ! .venv/bin/python -c "import torch, picovlm, pytest" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
   if [ -n "${TORCH_INDEX:-}" ]; then
     .venv/bin/pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX"
@@ -18,4 +21,5 @@ if ! .venv/bin/python -c "import torch, picovlm, pytest" >/dev/null 2>&1; then
     .venv/bin/pip install --quiet "$TORCH_SPEC"
   fi
   .venv/bin/pip install --quiet -e ".[dev]"
+  echo "$STAMP" > .venv/.picovlm-installed
 fi
