@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from picovlm import __version__
 from picovlm.config import VLMConfig
-from picovlm.errors import UserError
+from picovlm.errors import UserError, first_line
 from picovlm.io import atomic_dir, find_complete_dir
 from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import CaptionTokenizer
@@ -117,7 +117,7 @@ def resolve_model_dir(dir_or_repo: str | Path) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=[WEIGHTS, CONFIG, TOKENIZER, CARD]))
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UserError(f"cannot download {text!r} from the Hugging Face Hub ({reason}); "
                         f"check the repo id and your connection, or pass a local folder") from None
 

@@ -7,3 +7,9 @@ picovlm and keeps its traceback. Messages say what is wrong and what to do about
 
 class UserError(Exception):
     """A problem with the user's input (path, file, config, checkpoint), not with picovlm."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

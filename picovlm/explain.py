@@ -41,6 +41,12 @@ class Explanation:
         return self.maps.mean(dim=(1, 2))
 
 
+def upsample(grid: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(grid, grid) attention -> (height, width), bilinear, for drawing over the image."""
+    return torch.nn.functional.interpolate(grid[None, None].float(), size=(height, width), mode="bilinear",
+                                           align_corners=False)[0, 0]
+
+
 def attention_over_image(model: SupraVL, pixels: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """Attention of each position predicting token_ids[j] on the visual tokens: (n, L, H, P)."""
     P, bos = model.cfg.n_vis_tokens, model.cfg.bos_token_id
@@ -110,8 +116,7 @@ def draw_explanation(expl: Explanation, out: str | Path, per_layer: bool = False
             ax.set_yticks([])
             ax.imshow(np.asarray(expl.image))
             if n_words:
-                heat = torch.nn.functional.interpolate(maps[w][None, None], size=(size, size), mode="bilinear",
-                                                       align_corners=False)[0, 0]
+                heat = upsample(maps[w], size, size)
                 ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
                 ax.set_xlabel(expl.words[w], fontsize=11)
             if w == 0:

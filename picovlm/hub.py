@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from picovlm.checkpoint import CARD, CONFIG, TOKENIZER, WEIGHTS, from_pretrained
-from picovlm.errors import UserError
+from picovlm.errors import UserError, first_line
 
 
 def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -20,7 +20,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = False, toke
                           allow_patterns=[WEIGHTS, CONFIG, TOKENIZER, CARD],
                           commit_message="Upload picovlm checkpoint")
     except Exception as e:  # network, auth, permissions
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UserError(f"cannot upload to {repo_id!r} ({reason}); log in with 'hf auth login' "
                         f"and check your connection") from None
     return str(url)

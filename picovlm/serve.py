@@ -32,7 +32,7 @@ from PIL import Image
 
 from picovlm.data.images import decode_image
 from picovlm.errors import UserError
-from picovlm.explain import explain
+from picovlm.explain import explain, upsample
 from picovlm.generate import STRATEGIES
 from picovlm.models.supravl import SupraVL
 
@@ -51,9 +51,7 @@ def heatmap_png(image: Image.Image, grid: torch.Tensor) -> str:
     """The image with a jet-coloured attention map over it, as a PNG data URL."""
     from matplotlib import colormaps
 
-    size = image.size
-    heat = torch.nn.functional.interpolate(grid[None, None].float(), size=size[::-1], mode="bilinear",
-                                           align_corners=False)[0, 0].numpy()
+    heat = upsample(grid, *image.size).numpy()
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
     colour = (colormaps["jet"](heat)[..., :3] * 255).astype(np.float32)
     blended = 0.5 * np.asarray(image, dtype=np.float32) + 0.5 * colour

@@ -69,10 +69,10 @@ def _run_dir(out: Path, name: str) -> Path:
 
 
 def _component_params(model: SupraVL) -> dict[str, int]:
-    parts = model.param_counts()["components"]
+    counts = model.param_counts()
+    parts = counts["components"]
     decoder = parts["tok_emb"] + parts["pos_emb"] + parts["blocks"] + parts["ln_f"]
-    return {"vision_params": parts["vis_enc"], "decoder_params": decoder,
-            "params_unique": model.param_counts()["params_unique"]}
+    return {"vision_params": parts["vis_enc"], "decoder_params": decoder, "params_unique": counts["params_unique"]}
 
 
 def run_sweep(grid_file: str | Path, out_dir: str | Path, log: str | None = None) -> list[dict[str, Any]]:

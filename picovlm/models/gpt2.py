@@ -65,7 +65,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y)
 
-
     def _attend_and_record(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) v written out, keeping the weights. (B, H, T, hd) out."""
