@@ -34,3 +34,11 @@ def test_caption_memory(trained_run: Path, shapes_dir: Path) -> None:
 def test_train_precision() -> None:
     report = _run("benchmarks.train_precision", "--rounds", "1", "--steps", "2", "--batch-size", "8")
     assert set(report["best_samples_per_s"]) == {"fp32", "bf16"} and report["bf16_over_fp32"] > 0
+
+
+def test_train_throughput(shapes_dir: Path) -> None:
+    report = _run("benchmarks.train_throughput", "--data", str(shapes_dir), "--steps", "3", "--batch-size", "16",
+                  "--warmup-steps", "1")
+    # Same weights, same batches, same pixels: the two arms must have learned the same thing.
+    assert report["held_out_loss_rel_diff"] < 0.01
+    assert report["speedup"] > 0 and 0 < report["fraction_of_peak"]["picovlm"] < 1.5

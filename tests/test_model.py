@@ -50,3 +50,12 @@ def test_loss_ignores_padding_targets() -> None:
     logits, loss = model(images, ids, padded)
     manual = torch.nn.functional.cross_entropy(logits[:, :4].reshape(-1, 300), targets[:, :4].reshape(-1))
     assert torch.allclose(loss, manual, atol=1e-6)
+    # Training's path runs the head only on real targets: same loss, same gradients.
+    model.zero_grad()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    none, loss_only = model(images, ids, padded, loss_only=True)
+    loss_only.backward()
+    assert none is None and torch.allclose(loss, loss_only, atol=1e-6)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))

@@ -69,7 +69,7 @@ def test_one_pixel_image_is_usable(tmp_path: Path) -> None:
 
 def test_out_of_memory_suggests_a_smaller_batch(tmp_path: Path, shapes_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    def forward_out_of_memory(self, images, input_ids, targets=None):
+    def forward_out_of_memory(self, images, input_ids, targets=None, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 98765432100 bytes")
 
@@ -80,7 +80,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path: Path, shapes_dir: Path
 
 def test_other_runtime_errors_are_not_disguised(tmp_path: Path, shapes_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self, images, input_ids, targets=None):
+    def broken(self, images, input_ids, targets=None, **kwargs):
         raise RuntimeError("shape mismatch in a bug")
 
     monkeypatch.setattr(SupraVL, "forward", broken)

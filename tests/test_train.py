@@ -81,8 +81,8 @@ def test_nan_loss_stops_with_advice(tmp_path: Path, shapes_dir: Path, monkeypatc
     real_forward = SupraVL.forward
     calls = {"n": 0}
 
-    def forward_that_diverges(self, images, input_ids, targets=None):
-        logits, loss = real_forward(self, images, input_ids, targets)
+    def forward_that_diverges(self, images, input_ids, targets=None, **kwargs):
+        logits, loss = real_forward(self, images, input_ids, targets, **kwargs)
         calls["n"] += 1
         return logits, loss * float("nan") if calls["n"] == 3 else loss
 

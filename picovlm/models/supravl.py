@@ -97,13 +97,20 @@ class SupraVL(nn.Module):
             cache.advance(x.shape[1])
         return self.ln_f(x[:, -n_text:])  # (B, T, D)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Training/eval pass. images (B, 3, H, W), input_ids and targets (B, T).
 
         Returns logits (B, T, V) and the mean cross-entropy over targets != IGNORE_INDEX.
+        loss_only (training): the head runs only where a target exists, logits are None.
         """
         h = self.hidden_states(input_ids, self.encode_images(images))  # (B, T, D)
+        if loss_only:
+            # Padding carries no loss, and the head (D x V) is the largest matmul of the decoder:
+            # skip it there. (N, D) -> (N, V) for the N real targets.
+            keep = targets != IGNORE_INDEX
+            logits = self.lm_head(h[keep])
+            return None, F.cross_entropy(logits.float(), targets[keep])
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
