@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -136,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                      log_every=args.log_every)
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_caption(args: argparse.Namespace) -> None:

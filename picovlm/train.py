@@ -13,6 +13,7 @@ position, batch order and random state.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -33,10 +34,20 @@ from tqdm import tqdm
 
 from picovlm.checkpoint import WEIGHTS, from_pretrained, save_pretrained
 from picovlm.config import TrainConfig, VLMConfig
-from picovlm.data.batches import Batch, CaptionBatches, augment
+from picovlm.data.batches import AUGMENT_DRAWS, Batch, CaptionBatches, augment
 from picovlm.data.flickr8k import load_split
-from picovlm.data.images import default_cache_dir, normalize
+from picovlm.data.images import cached_images, default_cache_dir, normalize
 from picovlm.data.shapes import ensure_shapes_dataset
+from picovlm.distributed import (
+    SINGLE_PROCESS,
+    DistInfo,
+    all_reduce_sum,
+    broadcast_bytes,
+    cleanup,
+    init_distributed,
+    main_process_first,
+    wrap_model,
+)
 from picovlm.errors import UserError
 from picovlm.io import find_complete_dir
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
@@ -85,10 +96,10 @@ def resolve_precision(precision: str, device: str) -> str:
     """auto: on CUDA bf16 where supported, else fp16 with a GradScaler; on CPU bf16 autocast
     where the CPU has bf16 instructions, else fp32; fp32 on MPS."""
     if precision == "auto":
-        if device == "cuda":
+        if device.startswith("cuda"):
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if device == "cpu" and cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device != "cuda":
+    if precision == "fp16" and not device.startswith("cuda"):
         raise UserError("fp16 training needs a CUDA GPU; use --precision bf16 or fp32")
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
@@ -102,7 +113,7 @@ def autocast_context(precision: str, device: str) -> Iterator[None]:
         yield
         return
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=dtype), \
+    with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype), \
             _cpu_bf16_attention(precision, device):
         yield
 
@@ -146,10 +157,13 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train_step(model: SupraVL, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tc: TrainConfig, precision: str,
-               device: str, step: int) -> float:
-    """One optimiser step: forward under autocast, backward (scaled for fp16), clip, update."""
+               device: str, step: int, grad_weight: float = 1.0) -> float:
+    """One optimiser step: forward under autocast, backward (scaled for fp16), clip, update.
+
+    Returns the mean loss over this batch's targets. grad_weight scales the loss before backward
+    (with several processes: this process's share of the global batch's targets, see train())."""
     images, input_ids, targets = batch
     with out_of_memory_advice(tc.batch_size):
         with autocast_context(precision, device):
@@ -158,11 +172,12 @@ def train_step(model: SupraVL, optimizer: torch.optim.Optimizer, scaler: torch.a
             raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
                             f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
         optimizer.zero_grad(set_to_none=True)
+        weighted = loss * grad_weight if grad_weight != 1.0 else loss
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(weighted).backward()
             scaler.unscale_(optimizer)
         else:
-            loss.backward()
+            weighted.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
@@ -170,6 +185,28 @@ def train_step(model: SupraVL, optimizer: torch.optim.Optimizer, scaler: torch.a
     else:
         optimizer.step()
     return loss.item()
+
+
+def global_batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None, batch: Batch, cfg: VLMConfig, tc: TrainConfig,
+                      precision: str, device: str, step: int, aug_rng: torch.Generator,
+                      dist_info: DistInfo, stop_requested: bool) -> tuple[float, int, bool]:
+    """One optimiser step on a global batch, of which this process takes its rows.
+
+    Returns the mean loss over all the batch's targets, how many targets it has, and whether any
+    process was asked to stop (so that all stop after the same step)."""
+    n = len(batch.input_ids)
+    draws = torch.rand(n, AUGMENT_DRAWS, generator=aug_rng) if tc.augment else None  # drawn for all rows
+    rows = dist_info.rows(n)
+    images, input_ids, targets = to_device(batch.rows(rows), cfg, device, None if draws is None else draws[rows])
+    n_global = int((batch.targets != IGNORE_INDEX).sum())
+    share = int((targets != IGNORE_INDEX).sum()) / n_global  # this process's share of the targets
+    # DDP averages gradients over processes: weighting each process's mean loss by share * world
+    # makes that average the gradient of the mean over the whole batch, as in one process.
+    loss = train_step(model, optimizer, scaler, (images, input_ids, targets), tc, precision, device, step,
+                      grad_weight=share * dist_info.world_size)
+    batch_loss, stop_votes = all_reduce_sum([loss * share, float(stop_requested)], dist_info, device)
+    return batch_loss, n_global, stop_votes > 0
 
 
 @contextmanager
@@ -193,7 +230,7 @@ def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, device: str) ->
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, fused=device == "cuda")
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, fused=device.startswith("cuda"))
 
 
 # --- data ------------------------------------------------------------------
@@ -204,38 +241,58 @@ class Data:
     train: CaptionBatches
     dev: CaptionBatches
     tokenizer: CaptionTokenizer
+    path: Path
 
 
-def prepare_data(data_dir: Path, cfg: VLMConfig, tokenizer: CaptionTokenizer | None) -> Data:
-    train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
+def prepare_data(data_dir: Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
+                 dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu") -> Data:
+    """Splits, tokenizer (trained on the train captions unless given) and in-memory batches."""
+    with main_process_first(dist_info):  # one process generates/caches, the others then read
+        data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
+        if dist_info.enabled:
+            for split in (train_set, dev_set):
+                cached_images(split.image_dir, split.names, cfg.img_size)
     if tokenizer is None:
-        tokenizer = CaptionTokenizer.train((c for caps in train_set.captions for c in caps), cfg.lm_vocab_size)
-    return Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer)
+        # One process trains the tokenizer and sends it to the others, so all use the same ids.
+        trained = None
+        if dist_info.is_main:
+            trained = CaptionTokenizer.train((c for caps in train_set.captions for c in caps), cfg.lm_vocab_size)
+        text = broadcast_bytes(trained.to_json().encode() if trained else None, dist_info, device)
+        tokenizer = trained or CaptionTokenizer.from_json(text.decode())
+    return Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
+                data_dir)
 
 
 def to_device(batch: Batch, cfg: VLMConfig, device: str,
-              aug_rng: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 images -> normalised floats (augmented if aug_rng is given), all on the device."""
-    transform = (lambda x: augment(x, batch.flippable, aug_rng)) if aug_rng is not None else None
+              aug_draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images -> normalised floats (augmented if aug_draws are given), all on the device."""
+    transform = (lambda x: augment(x, batch.flippable, aug_draws)) if aug_draws is not None else None
     images = normalize(batch.images, cfg.img_mean, cfg.img_std, transform)
     images = images.to(device).contiguous(memory_format=torch.channels_last)  # see to_channels_last
     return images, batch.input_ids.to(device), batch.targets.to(device)
 
 
 @torch.no_grad()
-def evaluate_loss(model: SupraVL, data: CaptionBatches, tc: TrainConfig, device: str, precision: str) -> float:
-    """Mean token cross-entropy on a split (weighted by the number of target tokens)."""
+def evaluate_loss(model: SupraVL, data: CaptionBatches, tc: TrainConfig, device: str, precision: str,
+                  dist_info: DistInfo = SINGLE_PROCESS) -> float:
+    """Mean token cross-entropy on a split (weighted by the number of target tokens).
+    With several processes each scores its rows of every batch and the sums are combined."""
     model.eval()
     total, n_tokens = 0.0, 0
     for i, batch in enumerate(data.epoch(tc.batch_size, seed=None)):
         if tc.eval_max_batches is not None and i >= tc.eval_max_batches:
             break
+        batch = batch.rows(dist_info.rows(len(batch.input_ids)))
+        if len(batch.input_ids) == 0:
+            continue
         images, input_ids, targets = to_device(batch, model.cfg, device)
         with autocast_context(precision, device):
             _, loss = model(images, input_ids, targets)
         n = int((targets != IGNORE_INDEX).sum())
         total, n_tokens = total + loss.item() * n, n_tokens + n
     model.train()
+    total, n_tokens = all_reduce_sum([total, n_tokens], dist_info, device)
     return total / max(n_tokens, 1)
 
 
@@ -308,12 +365,25 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | Path | None = None,
           resume: bool = False, device: str | None = None, progress_bar: bool = True) -> dict[str, Any]:
-    """Train a model; returns a summary (final losses, time, samples/s, checkpoint paths)."""
+    """Train a model; returns a summary (final losses, time, samples/s, checkpoint paths).
+
+    Under torchrun, every process runs this; see picovlm.distributed."""
     out = Path(out_dir)
-    device = device or autodetect_device()
+    dist_info, device = init_distributed(device or autodetect_device())
+    try:
+        return _train(cfg, tc, out, data_dir, resume, device, progress_bar and dist_info.is_main, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | None, resume: bool, device: str,
+           progress_bar: bool, dist_info: DistInfo) -> dict[str, Any]:
+    if tc.batch_size < dist_info.world_size:
+        raise UserError(f"batch size {tc.batch_size} is smaller than the {dist_info.world_size} processes; "
+                        f"the batch size is global: use --batch-size {dist_info.world_size} or more")
+    main = dist_info.is_main  # only the first process writes files
     precision = resolve_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
-    data_path = Path(data_dir) if data_dir is not None else default_data_dir()
 
     last_dir = find_complete_dir(out / "last")
     if resume and not (last_dir / STATE_JSON).is_file():
@@ -324,11 +394,13 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
     if resume:
         model = from_pretrained(last_dir, device=device)
         cfg = model.cfg
-    data = prepare_data(data_path, cfg, model.tokenizer if resume else None)
+    data = prepare_data(data_dir, cfg, model.tokenizer if resume else None, dist_info, device)
+    data_path = data.path
     if not resume:
         model = SupraVL(cfg).to(device)
         model.tokenizer = data.tokenizer
     to_channels_last(model).train()
+    ddp_model = wrap_model(model, dist_info, device)  # the model itself in one process
 
     optimizer = configure_optimizer(model, tc, device)
     aug_rng = torch.Generator().manual_seed(tc.seed + 1)
@@ -341,12 +413,14 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
     total_steps = tc.epochs * batches_per_epoch
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tc.to_dict(),
-                                                       "data": str(data_path), "device": device,
-                                                       "precision": precision}, indent=2))
     metrics_path = out / "metrics.jsonl"
-    log = metrics_path.open("a")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": tc.to_dict(),
+                                                           "data": str(data_path), "device": device,
+                                                           "precision": precision,
+                                                           "processes": dist_info.world_size}, indent=2))
+    log = metrics_path.open("a") if main else io.StringIO()  # other processes log nowhere
 
     step, samples, tokens, t_start = progress["step"], 0, 0, time.perf_counter()
     last_val_loss = float("nan")
@@ -355,6 +429,8 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
 
     def save(best: bool) -> None:
         progress.update(step=step, elapsed_s=elapsed_before + time.perf_counter() - t_start)
+        if not main:
+            return
         metrics = {"training data": f"{data_path.name} ({len(data.train)} train / {len(data.dev)} dev captions)",
                    "step": step, "epochs": tc.epochs, "batch size": tc.batch_size,
                    "train_loss": round(last_train_loss, 4), "best_val_loss": round(progress["best_val"], 4)}
@@ -376,14 +452,14 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                 lr = get_lr(step, total_steps, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                images, input_ids, targets = to_device(batch, cfg, device, aug_rng if tc.augment else None)
-                last_train_loss = train_step(model, optimizer, scaler, (images, input_ids, targets), tc, precision,
-                                             device, step)
+                last_train_loss, n_targets, stop_now = global_batch_step(
+                    ddp_model, optimizer, scaler, batch, cfg, tc, precision, device, step, aug_rng, dist_info,
+                    stop.requested)
                 step += 1
                 progress["batch"] += 1
-                n = images.shape[0]
+                n = len(batch.input_ids)
                 samples, epoch_samples = samples + n, epoch_samples + n
-                tokens += int((targets != IGNORE_INDEX).sum())  # text tokens that carried loss
+                tokens += n_targets  # text tokens that carried loss
                 rate = epoch_samples / (time.perf_counter() - t_epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_train_loss:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1, refresh=False)
@@ -393,10 +469,11 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
                     log.write(json.dumps({"step": step, "epoch": epoch + 1, "train_loss": last_train_loss,
                                           "lr": lr, "samples_per_s": rate}) + "\n")
                     log.flush()
-                if stop.requested:
+                if stop_now:
+                    stop.requested = True
                     raise KeyboardInterrupt
             epoch_done = progress["batch"] >= batches_per_epoch
-            val_loss = last_val_loss = evaluate_loss(model, data.dev, tc, device, precision)
+            val_loss = last_val_loss = evaluate_loss(model, data.dev, tc, device, precision, dist_info)
             best = val_loss < progress["best_val"]
             progress["best_val"] = min(val_loss, progress["best_val"])
             log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
@@ -407,7 +484,8 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
             if epoch_done:
                 progress.update(epoch=epoch + 1, batch=0)
             save(best)
-            plot_losses(metrics_path, out / "loss.png")
+            if main:
+                plot_losses(metrics_path, out / "loss.png")
     except KeyboardInterrupt:
         bar.close()
         if stop.forced or not stop.requested:  # a second Ctrl-C, or a plain KeyboardInterrupt: maybe torn
@@ -432,6 +510,7 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "device": device,
         "precision": precision,
+        "processes": dist_info.world_size,
         "best": str(out / "best"),
         "last": str(out / "last"),
     }

@@ -162,7 +162,7 @@ def test_augment_flips_only_captions_without_left_right() -> None:
     g = torch.Generator().manual_seed(0)
     flips = {True: 0, False: 0}
     for _ in range(40):
-        out = augment(asym, torch.tensor([True, False]), g)
+        out = augment(asym, torch.tensor([True, False]), torch.rand(2, 6, generator=g))
         for i, allowed in enumerate((True, False)):
             flips[allowed] += bool(out[i, :, :, 12:].mean() > out[i, :, :, :4].mean())
     assert flips[False] == 0 and flips[True] > 5

@@ -38,6 +38,10 @@ class Batch:
     targets: torch.Tensor  # (B, T) int64, IGNORE_INDEX on padding
     flippable: torch.Tensor  # (B,) bool: the caption says nothing about left or right
 
+    def rows(self, rows: slice) -> Batch:
+        """Some rows of the batch (one process's share); the padded length stays the batch's."""
+        return Batch(self.images[rows], self.input_ids[rows], self.targets[rows], self.flippable[rows])
+
 
 class CaptionBatches:
     def __init__(self, data: CaptionSet, tokenizer: CaptionTokenizer, cfg: VLMConfig,
@@ -95,12 +99,17 @@ class CaptionBatches:
         return Batch(self.images[self.image_of[pair_idx]], tokens[:, :-1], targets, self.flippable[pair_idx])
 
 
-def augment(images: torch.Tensor, flippable: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+AUGMENT_DRAWS = 6  # uniform random numbers augment() uses per image
+
+
+def augment(images: torch.Tensor, flippable: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
     """Random resized crop (scale 0.7-1), colour jitter (+-20%), and a horizontal flip only where
-    the caption has no left/right words. (B, 3, S, S) float in, same shape out."""
+    the caption has no left/right words. (B, 3, S, S) float in, same shape out.
+
+    rand (B, AUGMENT_DRAWS) holds the uniform draws; the caller makes them, so that with several
+    processes each one can take its rows of the draws for the whole batch."""
     B, _, S, _ = images.shape
     out = torch.empty_like(images)
-    rand = torch.rand(B, 6, generator=generator)
     for i in range(B):
         scale = 0.7 + 0.3 * rand[i, 0].item()
         side = max(8, int(S * scale**0.5))
