@@ -1,8 +1,9 @@
 """Configuration dataclasses and named presets.
 
 One `VLMConfig` describes a whole model. Field prefixes say which component owns a
-hyperparameter, as in nanoVLM: `cnn_` for the convolutional vision encoder, `lm_` for the
-language decoder, no prefix for the image itself and for how the two are fused.
+hyperparameter, as in nanoVLM: `vision_` for the choice of vision encoder and its pretrained
+parts, `cnn_` for the convolutional encoder's shape, `lm_` for the language decoder, no
+prefix for the image itself and for how the two are fused.
 `TrainConfig` holds everything about optimisation that is not part of the model.
 
 Presets are plain functions of nothing that return a config, so `picovlm info NAME` and
@@ -25,10 +26,14 @@ class VLMConfig:
     img_size: int = 112  # images are resized to img_size x img_size
     img_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
     img_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # --- vision encoder (CNN) ---
-    vision_type: str = "cnn"
-    cnn_channels: tuple[int, ...] = (16, 32, 64)  # one Conv-BN-ReLU (stride 2) per entry
+    # --- vision encoder ---
+    vision_type: str = "cnn"  # cnn: trained from scratch | mobilenet_v2: frozen ImageNet backbone
+    cnn_channels: tuple[int, ...] = (16, 32, 64)  # (cnn only) one Conv-BN-ReLU (stride 2) per entry
     cnn_grid: int = 4  # adaptive pooling to a grid x grid map -> grid**2 visual tokens
+    # (mobilenet_v2 only) where a new model's ImageNet weights come from: "auto", a .pth path,
+    # or "none" (random backbone); see picovlm.pretrained. Checkpoints carry their own weights.
+    vision_weights: str = "auto"
+    vision_proj: str = "linear"  # (mobilenet_v2 only) 1280 -> lm_hidden_dim: linear | mlp
     # --- language decoder (GPT-2 style) ---
     lm_type: str = "gpt2"
     lm_hidden_dim: int = 128
