@@ -19,6 +19,8 @@ from typing import Any
 
 from picovlm.errors import UserError
 
+VISION_TYPES = ("cnn", "mobilenet_v2")
+
 
 @dataclass
 class VLMConfig:
@@ -69,10 +71,14 @@ class VLMConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
-        if self.vision_type != "cnn" or self.lm_type != "gpt2" or self.fusion != "prefix":
+        if self.vision_type not in VISION_TYPES:
+            raise UserError(f"unknown vision_type {self.vision_type!r}; choose one of {', '.join(VISION_TYPES)}")
+        if self.vision_proj not in ("linear", "mlp"):
+            raise UserError(f"unknown vision_proj {self.vision_proj!r}; choose linear or mlp")
+        if self.lm_type != "gpt2" or self.fusion != "prefix":
             raise UserError(
-                f"unsupported combination vision_type={self.vision_type!r}, lm_type={self.lm_type!r}, "
-                f"fusion={self.fusion!r}; this version supports cnn + gpt2 + prefix"
+                f"unsupported combination lm_type={self.lm_type!r}, fusion={self.fusion!r}; "
+                f"this version supports gpt2 + prefix"
             )
 
     # --- (de)serialisation -------------------------------------------------
@@ -167,8 +173,17 @@ def supravl_nano() -> VLMConfig:
     return VLMConfig()
 
 
+def pico_mobilenet() -> VLMConfig:
+    """supravl-nano's decoder over a frozen ImageNet MobileNetV2 (224 px, 7x7 = 49 visual tokens).
+
+    The decoder is supravl-nano's unchanged, so comparing the two presets measures the encoder.
+    """
+    return VLMConfig(img_size=224, vision_type="mobilenet_v2", cnn_grid=7, vision_proj="mlp")
+
+
 PRESETS = {
     "supravl-nano": supravl_nano,
+    "pico-mobilenet": pico_mobilenet,
 }
 
 

@@ -301,10 +301,13 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
     if resume:
         model = from_pretrained(last_dir, device=device)
         cfg = model.cfg
-    data = prepare_data(data_path, cfg, model.tokenizer if resume else None)
-    if not resume:
-        model = SupraVL(cfg).to(device)
-        model.tokenizer = data.tokenizer
+    else:
+        model = SupraVL(cfg)
+        # ImageNet weights for a pretrained backbone, before the data: missing weights fail at once.
+        model.load_pretrained_vision()
+        model = model.to(device)
+    data = prepare_data(data_path, cfg, model.tokenizer)  # a new model has none yet: trained here
+    model.tokenizer = data.tokenizer
     model.train()
 
     optimizer = configure_optimizer(model, tc, device)
