@@ -24,6 +24,7 @@ from picovlm import __version__
 from picovlm.config import VLMConfig
 from picovlm.errors import UserError, first_line
 from picovlm.io import atomic_dir, find_complete_dir
+from picovlm.models.mobilenet_v2 import FEATURE_CHANNELS
 from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
@@ -38,7 +39,7 @@ def config_to_json(cfg: VLMConfig) -> dict[str, Any]:
         "N_HEADS": cfg.lm_n_heads,
         "N_LAYERS": cfg.lm_n_blocks,
         "D_FF": cfg.lm_inter_dim,
-        "VIS_CH": cfg.cnn_channels[-1],
+        "VIS_CH": FEATURE_CHANNELS if cfg.vision_type == "mobilenet_v2" else cfg.cnn_channels[-1],
         "N_VIS": cfg.n_vis_tokens,
         "VOCAB_SIZE": cfg.lm_vocab_size,
         "MAX_SEQ": cfg.lm_max_text_len,
@@ -123,7 +124,11 @@ def resolve_model_dir(dir_or_repo: str | Path) -> Path:
 
 
 def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu") -> SupraVL:
-    """Load a checkpoint folder or Hub repo; the tokenizer is attached as `model.tokenizer`."""
+    """Load a checkpoint folder or Hub repo; the tokenizer is attached as `model.tokenizer`.
+
+    The weights file holds every tensor, a frozen pretrained backbone's included, so loading
+    never needs the backbone's original ImageNet file.
+    """
     path = resolve_model_dir(dir_or_repo)
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
@@ -169,6 +174,16 @@ def load_weights(model: SupraVL, weights_path: Path) -> None:
         model.lm_head.weight = model.tok_emb.weight
 
 
+def vision_summary(cfg: VLMConfig) -> str:
+    """One table cell describing the visual encoder."""
+    tokens = f"pooled to {cfg.cnn_grid}x{cfg.cnn_grid} = {cfg.n_vis_tokens} tokens"
+    if cfg.vision_type == "mobilenet_v2":
+        return (f"MobileNetV2 (ImageNet, torchvision weights), frozen, {tokens}, "
+                f"{cfg.vision_proj} projector {FEATURE_CHANNELS} -> {cfg.lm_hidden_dim}")
+    return (f"{len(cfg.cnn_channels)} x Conv3x3/2-BN-ReLU {list(cfg.cnn_channels)}, {tokens}, "
+            f"Linear {cfg.cnn_channels[-1]} -> {cfg.lm_hidden_dim}")
+
+
 def model_card(model: SupraVL, metrics: dict[str, Any]) -> str:
     cfg, counts = model.cfg, model.param_counts()
     rows = "\n".join(f"| {name} | {n:,} |" for name, n in counts["components"].items())
@@ -188,9 +203,7 @@ prefix concatenation). Load it with `picovlm.load("<this folder or repo id>")`.
 
 | part | setting |
 | --- | --- |
-| visual encoder | {len(cfg.cnn_channels)} x Conv3x3/2-BN-ReLU {list(cfg.cnn_channels)}, \
-pooled to {cfg.cnn_grid}x{cfg.cnn_grid} = {cfg.n_vis_tokens} tokens, \
-Linear {cfg.cnn_channels[-1]} -> {cfg.lm_hidden_dim} |
+| visual encoder | {vision_summary(cfg)} |
 | decoder | GPT-2 style, {cfg.lm_n_blocks} layers, d={cfg.lm_hidden_dim}, {cfg.lm_n_heads} heads, \
 MLP {cfg.lm_inter_dim} |
 | context | {cfg.n_vis_tokens} visual + {cfg.lm_max_text_len} text = {cfg.context_len} positions |
@@ -203,8 +216,8 @@ MLP {cfg.lm_inter_dim} |
 | --- | --- |
 {rows}
 
-Unique parameters: {counts['params_unique']:,}. Counting the tied lm_head a second time:
-{counts['params_with_tied_head']:,}.
+Unique parameters: {counts['params_unique']:,} ({counts['trainable']:,} trained, {counts['frozen']:,} frozen).
+Counting the tied lm_head a second time: {counts['params_with_tied_head']:,}.
 
 ## Training data and metrics
 

@@ -210,6 +210,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {name:<8} {n:>12,}{note}")
     print(f"  {'total':<8} {counts['params_unique']:>12,} unique parameters")
     print(f"  {'':<8} {counts['params_with_tied_head']:>12,} counting the tied lm_head twice")
+    if counts["frozen"]:
+        print(f"  {'':<8} {counts['trainable']:>12,} trainable, {counts['frozen']:,} frozen (pretrained backbone)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -1,8 +1,9 @@
 """Configuration dataclasses and named presets.
 
 One `VLMConfig` describes a whole model. Field prefixes say which component owns a
-hyperparameter, as in nanoVLM: `cnn_` for the convolutional vision encoder, `lm_` for the
-language decoder, no prefix for the image itself and for how the two are fused.
+hyperparameter, as in nanoVLM: `vision_` for the choice of vision encoder and its pretrained
+parts, `cnn_` for the convolutional encoder's shape, `lm_` for the language decoder, no
+prefix for the image itself and for how the two are fused.
 `TrainConfig` holds everything about optimisation that is not part of the model.
 
 Presets are plain functions of nothing that return a config, so `picovlm info NAME` and
@@ -18,6 +19,8 @@ from typing import Any
 
 from picovlm.errors import UserError
 
+VISION_TYPES = ("cnn", "mobilenet_v2")
+
 
 @dataclass
 class VLMConfig:
@@ -25,10 +28,14 @@ class VLMConfig:
     img_size: int = 112  # images are resized to img_size x img_size
     img_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
     img_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # --- vision encoder (CNN) ---
-    vision_type: str = "cnn"
-    cnn_channels: tuple[int, ...] = (16, 32, 64)  # one Conv-BN-ReLU (stride 2) per entry
+    # --- vision encoder ---
+    vision_type: str = "cnn"  # cnn: trained from scratch | mobilenet_v2: frozen ImageNet backbone
+    cnn_channels: tuple[int, ...] = (16, 32, 64)  # (cnn only) one Conv-BN-ReLU (stride 2) per entry
     cnn_grid: int = 4  # adaptive pooling to a grid x grid map -> grid**2 visual tokens
+    # (mobilenet_v2 only) where a new model's ImageNet weights come from: "auto", a .pth path,
+    # or "none" (random backbone); see picovlm.pretrained. Checkpoints carry their own weights.
+    vision_weights: str = "auto"
+    vision_proj: str = "linear"  # (mobilenet_v2 only) 1280 -> lm_hidden_dim: linear | mlp
     # --- language decoder (GPT-2 style) ---
     lm_type: str = "gpt2"
     lm_hidden_dim: int = 128
@@ -64,10 +71,14 @@ class VLMConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
-        if self.vision_type != "cnn" or self.lm_type != "gpt2" or self.fusion != "prefix":
+        if self.vision_type not in VISION_TYPES:
+            raise UserError(f"unknown vision_type {self.vision_type!r}; choose one of {', '.join(VISION_TYPES)}")
+        if self.vision_proj not in ("linear", "mlp"):
+            raise UserError(f"unknown vision_proj {self.vision_proj!r}; choose linear or mlp")
+        if self.lm_type != "gpt2" or self.fusion != "prefix":
             raise UserError(
-                f"unsupported combination vision_type={self.vision_type!r}, lm_type={self.lm_type!r}, "
-                f"fusion={self.fusion!r}; this version supports cnn + gpt2 + prefix"
+                f"unsupported combination lm_type={self.lm_type!r}, fusion={self.fusion!r}; "
+                f"this version supports gpt2 + prefix"
             )
 
     # --- (de)serialisation -------------------------------------------------
@@ -162,8 +173,17 @@ def supravl_nano() -> VLMConfig:
     return VLMConfig()
 
 
+def pico_mobilenet() -> VLMConfig:
+    """supravl-nano's decoder over a frozen ImageNet MobileNetV2 (224 px, 7x7 = 49 visual tokens).
+
+    The decoder is supravl-nano's unchanged, so comparing the two presets measures the encoder.
+    """
+    return VLMConfig(img_size=224, vision_type="mobilenet_v2", cnn_grid=7, vision_proj="mlp")
+
+
 PRESETS = {
     "supravl-nano": supravl_nano,
+    "pico-mobilenet": pico_mobilenet,
 }
 
 

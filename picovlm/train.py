@@ -394,11 +394,15 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     if resume:
         model = from_pretrained(last_dir, device=device)
         cfg = model.cfg
-    data = prepare_data(data_dir, cfg, model.tokenizer if resume else None, dist_info, device)
+    else:
+        model = SupraVL(cfg)
+        # ImageNet weights for a pretrained backbone, before the data: missing weights fail at once.
+        model.load_pretrained_vision()
+        model = model.to(device)
+    # A new model has no tokenizer yet: it is trained here.
+    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device)
     data_path = data.path
-    if not resume:
-        model = SupraVL(cfg).to(device)
-        model.tokenizer = data.tokenizer
+    model.tokenizer = data.tokenizer
     to_channels_last(model).train()
     ddp_model = wrap_model(model, dist_info, device)  # the model itself in one process
 

