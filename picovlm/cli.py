@@ -9,6 +9,7 @@
     picovlm sweep GRID.yaml           picovlm.sweep.run_sweep
     picovlm info PRESET               SupraVL(cfg).param_counts()
     picovlm data make-shapes DIR      picovlm.data.shapes.make_shapes_dataset
+    picovlm data make-shards D OUT    picovlm.data.shards.write_shards
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
 
 User mistakes (`UserError`) print as one line, `picovlm: error: ...`, and exit with status 2.
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model")
     p.add_argument("--preset", default="supravl-nano", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--data", default=None, help="dataset folder (Flickr8k layout); default: built-in shapes")
+    p.add_argument("--data", default=None, help="dataset folder (Flickr8k layout), a folder of WebDataset .tar "
+                   "shards, or hf:NAME (streamed with `datasets`); default: built-in shapes")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, plots")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--max-steps", type=int, default=None)
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="random resized crop, colour jitter, safe flips")
     p.add_argument("--save-every", type=int, default=None, help="also save last/ every N steps")
     p.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="metrics.jsonl line every N steps")
+    p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,
+                   help="DataLoader worker processes decoding a streamed source (0: in this process)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
@@ -119,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out")
     q.add_argument("--n-images", type=int, default=3000)
     q.add_argument("--seed", type=int, default=0)
+    q = data_sub.add_parser("make-shards", help="write a dataset folder as WebDataset .tar shards (train/, dev/)")
+    q.add_argument("data", help="dataset folder (Flickr8k layout)")
+    q.add_argument("out")
+    q.add_argument("--per-shard", type=int, default=1000, help="(image, caption) samples per shard")
 
     p = sub.add_parser("push-to-hub", help="upload a checkpoint folder to the Hugging Face Hub")
     p.add_argument("model")
@@ -134,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     tc = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, warmup_steps=args.warmup_steps, precision=args.precision,
                      seed=args.seed, augment=args.augment, save_every=args.save_every,
-                     log_every=args.log_every)
+                     log_every=args.log_every, num_workers=args.num_workers)
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
@@ -221,6 +229,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "make-shards":
+        from picovlm.data.shards import write_shards
+
+        counts = write_shards(args.data, args.out, per_shard=args.per_shard)
+        print(f"wrote {counts['train']} train and {counts['dev']} dev shards to {args.out}")
+        return
     from picovlm.data.shapes import make_shapes_dataset
 
     out = make_shapes_dataset(args.out, n_images=args.n_images, seed=args.seed)

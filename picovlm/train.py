@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from picovlm.data.batches import AUGMENT_DRAWS, Batch, CaptionBatches, augment
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, default_cache_dir, normalize
 from picovlm.data.shapes import ensure_shapes_dataset
+from picovlm.data.stream import StreamBatches, is_stream, open_split
 from picovlm.distributed import (
     SINGLE_PROCESS,
     DistInfo,
@@ -54,6 +55,7 @@ from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
 STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
+TOKENIZER_CAPTIONS = 200_000  # a streamed source's tokenizer learns from its first this many captions
 
 
 def autodetect_device() -> str:
@@ -188,25 +190,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
 
 
 def global_batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler | None, batch: Batch, cfg: VLMConfig, tc: TrainConfig,
-                      precision: str, device: str, step: int, aug_rng: torch.Generator,
-                      dist_info: DistInfo, stop_requested: bool) -> tuple[float, int, bool]:
-    """One optimiser step on a global batch, of which this process takes its rows.
+                      scaler: torch.amp.GradScaler | None, batch: Batch, n_global: float, cfg: VLMConfig,
+                      tc: TrainConfig, precision: str, device: str, step: int, aug_rng: torch.Generator,
+                      dist_info: DistInfo, stop_requested: bool) -> tuple[float, bool]:
+    """One optimiser step on a global batch; `batch` is this process's part, with n_global of the
+    global batch's targets in all.
 
-    Returns the mean loss over all the batch's targets, how many targets it has, and whether any
-    process was asked to stop (so that all stop after the same step)."""
-    n = len(batch.input_ids)
-    draws = torch.rand(n, AUGMENT_DRAWS, generator=aug_rng) if tc.augment else None  # drawn for all rows
-    rows = dist_info.rows(n)
-    images, input_ids, targets = to_device(batch.rows(rows), cfg, device, None if draws is None else draws[rows])
-    n_global = int((batch.targets != IGNORE_INDEX).sum())
+    Returns the mean loss over all the global batch's targets, and whether any process was asked
+    to stop (so that all stop after the same step)."""
+    draws = torch.rand(len(batch.input_ids), AUGMENT_DRAWS, generator=aug_rng) if tc.augment else None
+    images, input_ids, targets = to_device(batch, cfg, device, draws)
     share = int((targets != IGNORE_INDEX).sum()) / n_global  # this process's share of the targets
     # DDP averages gradients over processes: weighting each process's mean loss by share * world
     # makes that average the gradient of the mean over the whole batch, as in one process.
     loss = train_step(model, optimizer, scaler, (images, input_ids, targets), tc, precision, device, step,
                       grad_weight=share * dist_info.world_size)
     batch_loss, stop_votes = all_reduce_sum([loss * share, float(stop_requested)], dist_info, device)
-    return batch_loss, n_global, stop_votes > 0
+    return batch_loss, stop_votes > 0
 
 
 @contextmanager
@@ -238,15 +238,43 @@ def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, device: str) ->
 
 @dataclass
 class Data:
-    train: CaptionBatches
-    dev: CaptionBatches
+    train: CaptionBatches | StreamBatches
+    dev: CaptionBatches | StreamBatches | None  # a stream may have no dev split
     tokenizer: CaptionTokenizer
-    path: Path
+    path: str
 
 
-def prepare_data(data_dir: Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
-                 dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu") -> Data:
-    """Splits, tokenizer (trained on the train captions unless given) and in-memory batches."""
+def prepare_data(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
+                 dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu", num_workers: int = 0) -> Data:
+    """Splits, tokenizer (trained on the train captions unless given) and batches: in memory for a
+    Flickr8k-layout folder (default: the built-in shapes set), streamed for shards or hf:NAME."""
+    if is_stream(data_dir):
+        return _prepare_stream(str(data_dir), cfg, tokenizer, dist_info, device, num_workers)
+    return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device)
+
+
+def _shared_tokenizer(captions: Callable[[], Iterable[str]], cfg: VLMConfig, dist_info: DistInfo,
+                      device: str) -> CaptionTokenizer:
+    """One process trains the tokenizer and sends it to the others, so all use the same ids."""
+    trained = CaptionTokenizer.train(captions(), cfg.lm_vocab_size) if dist_info.is_main else None
+    text = broadcast_bytes(trained.to_json().encode() if trained else None, dist_info, device)
+    return trained or CaptionTokenizer.from_json(text.decode())
+
+
+def _prepare_stream(source: str, cfg: VLMConfig, tokenizer: CaptionTokenizer | None, dist_info: DistInfo,
+                    device: str, num_workers: int) -> Data:
+    train = StreamBatches(source, "train", tokenizer, cfg, dist_info, num_workers)
+    dev = StreamBatches(source, "dev", tokenizer, cfg, dist_info, num_workers) if open_split(source, "dev") else None
+    if tokenizer is None:
+        tokenizer = _shared_tokenizer(lambda: train.captions(TOKENIZER_CAPTIONS), cfg, dist_info, device)
+    for split in (train, dev):
+        if split is not None:
+            split.tokenizer = tokenizer
+    return Data(train, dev, tokenizer, source)
+
+
+def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
+                       dist_info: DistInfo, device: str) -> Data:
     with main_process_first(dist_info):  # one process generates/caches, the others then read
         data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
@@ -254,14 +282,20 @@ def prepare_data(data_dir: Path | None, cfg: VLMConfig, tokenizer: CaptionTokeni
             for split in (train_set, dev_set):
                 cached_images(split.image_dir, split.names, cfg.img_size)
     if tokenizer is None:
-        # One process trains the tokenizer and sends it to the others, so all use the same ids.
-        trained = None
-        if dist_info.is_main:
-            trained = CaptionTokenizer.train((c for caps in train_set.captions for c in caps), cfg.lm_vocab_size)
-        text = broadcast_bytes(trained.to_json().encode() if trained else None, dist_info, device)
-        tokenizer = trained or CaptionTokenizer.from_json(text.decode())
+        tokenizer = _shared_tokenizer(lambda: (c for caps in train_set.captions for c in caps), cfg, dist_info,
+                                      device)
     return Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
-                data_dir)
+                str(data_dir))
+
+
+def process_batches(data: CaptionBatches | StreamBatches, batch_size: int, seed: int | None, start_batch: int,
+                    dist_info: DistInfo) -> Iterator[Batch]:
+    """This process's batches of one epoch. batch_size is global: in memory every process sees
+    the same batch and keeps its rows; a stream gives each process its own samples."""
+    if isinstance(data, StreamBatches):
+        rows = dist_info.rows(batch_size)
+        return data.epoch(rows.stop - rows.start, seed, start_batch)
+    return (b.rows(dist_info.rows(len(b.input_ids))) for b in data.epoch(batch_size, seed, start_batch))
 
 
 def to_device(batch: Batch, cfg: VLMConfig, device: str,
@@ -274,18 +308,15 @@ def to_device(batch: Batch, cfg: VLMConfig, device: str,
 
 
 @torch.no_grad()
-def evaluate_loss(model: SupraVL, data: CaptionBatches, tc: TrainConfig, device: str, precision: str,
-                  dist_info: DistInfo = SINGLE_PROCESS) -> float:
+def evaluate_loss(model: SupraVL, data: CaptionBatches | StreamBatches, tc: TrainConfig, device: str,
+                  precision: str, dist_info: DistInfo = SINGLE_PROCESS) -> float:
     """Mean token cross-entropy on a split (weighted by the number of target tokens).
-    With several processes each scores its rows of every batch and the sums are combined."""
+    With several processes each scores its share and the sums are combined."""
     model.eval()
     total, n_tokens = 0.0, 0
-    for i, batch in enumerate(data.epoch(tc.batch_size, seed=None)):
+    for i, batch in enumerate(process_batches(data, tc.batch_size, None, 0, dist_info)):
         if tc.eval_max_batches is not None and i >= tc.eval_max_batches:
             break
-        batch = batch.rows(dist_info.rows(len(batch.input_ids)))
-        if len(batch.input_ids) == 0:
-            continue
         images, input_ids, targets = to_device(batch, model.cfg, device)
         with autocast_context(precision, device):
             _, loss = model(images, input_ids, targets)
@@ -400,7 +431,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         model.load_pretrained_vision()
         model = model.to(device)
     # A new model has no tokenizer yet: it is trained here.
-    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device)
+    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers)
     data_path = data.path
     model.tokenizer = data.tokenizer
     to_channels_last(model).train()
@@ -413,10 +444,13 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         progress = restore_training_state(last_dir, optimizer, aug_rng)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    batches_per_epoch = data.train.n_batches(tc.batch_size)
-    total_steps = tc.epochs * batches_per_epoch
+    batches_per_epoch = data.train.n_batches(tc.batch_size)  # None for a stream
+    if batches_per_epoch is None and tc.max_steps is None:
+        raise UserError(f"{data.path} is streamed and has no length; give the number of steps with --max-steps")
+    total_steps = tc.max_steps if batches_per_epoch is None else tc.epochs * batches_per_epoch
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
+    n_epochs = tc.epochs if batches_per_epoch is not None else sys.maxsize  # a stream: until max_steps
     metrics_path = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +469,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         progress.update(step=step, elapsed_s=elapsed_before + time.perf_counter() - t_start)
         if not main:
             return
-        metrics = {"training data": f"{data_path.name} ({len(data.train)} train / {len(data.dev)} dev captions)",
+        dev = data.dev.describe() if data.dev is not None else "no dev split"
+        metrics = {"training data": f"{Path(data_path).name} ({data.train.describe()} train / {dev})",
                    "step": step, "epochs": tc.epochs, "batch size": tc.batch_size,
                    "train_loss": round(last_train_loss, 4), "best_val_loss": round(progress["best_val"], 4)}
         save_pretrained(model, out / "last", metrics, training_state_files(optimizer, progress, aug_rng))
@@ -446,28 +481,34 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # fewer lines in log files
     stop = StopOnInterrupt()
     try:
-        for epoch in range(progress["epoch"], tc.epochs):
+        for epoch in range(progress["epoch"], n_epochs):
             if step >= total_steps:
                 break
-            t_epoch, epoch_samples = time.perf_counter(), 0
-            for batch in data.train.epoch(tc.batch_size, seed=tc.seed * 1000 + epoch, start_batch=progress["batch"]):
-                if step >= total_steps:
+            t_epoch, epoch_samples, data_ended = time.perf_counter(), 0, False
+            batches = process_batches(data.train, tc.batch_size, tc.seed * 1000 + epoch, progress["batch"], dist_info)
+            while step < total_steps:
+                batch = next(batches, None)
+                n_local = 0 if batch is None else int((batch.targets != IGNORE_INDEX).sum())
+                n = 0 if batch is None else len(batch.input_ids)
+                # The global batch's targets and samples, and whether any process has run out of data.
+                n_targets, n_samples, n_ended = all_reduce_sum([n_local, n, float(batch is None)], dist_info, device)
+                if n_ended:
+                    data_ended = True
                     break
                 lr = get_lr(step, total_steps, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                last_train_loss, n_targets, stop_now = global_batch_step(
-                    ddp_model, optimizer, scaler, batch, cfg, tc, precision, device, step, aug_rng, dist_info,
-                    stop.requested)
+                last_train_loss, stop_now = global_batch_step(
+                    ddp_model, optimizer, scaler, batch, n_targets, cfg, tc, precision, device, step, aug_rng,
+                    dist_info, stop.requested)
                 step += 1
                 progress["batch"] += 1
-                n = len(batch.input_ids)
-                samples, epoch_samples = samples + n, epoch_samples + n
-                tokens += n_targets  # text tokens that carried loss
+                samples, epoch_samples = samples + int(n_samples), epoch_samples + int(n_samples)
+                tokens += int(n_targets)  # text tokens that carried loss
                 rate = epoch_samples / (time.perf_counter() - t_epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_train_loss:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1, refresh=False)
-                if tc.save_every and step % tc.save_every == 0 and progress["batch"] < batches_per_epoch:
+                if tc.save_every and step % tc.save_every == 0 and progress["batch"] != batches_per_epoch:
                     save(best=False)
                 if step % tc.log_every == 0 or step == total_steps:
                     log.write(json.dumps({"step": step, "epoch": epoch + 1, "train_loss": last_train_loss,
@@ -476,10 +517,13 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                 if stop_now:
                     stop.requested = True
                     raise KeyboardInterrupt
-            epoch_done = progress["batch"] >= batches_per_epoch
-            val_loss = last_val_loss = evaluate_loss(model, data.dev, tc, device, precision, dist_info)
-            best = val_loss < progress["best_val"]
-            progress["best_val"] = min(val_loss, progress["best_val"])
+            epoch_done = data_ended or progress["batch"] == batches_per_epoch
+            if data.dev is not None:
+                val_loss = last_val_loss = evaluate_loss(model, data.dev, tc, device, precision, dist_info)
+                best = val_loss < progress["best_val"]
+                progress["best_val"] = min(val_loss, progress["best_val"])
+            else:  # nothing to select on: the latest weights are the best we know
+                val_loss, best = float("nan"), True
             log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
                                   "epoch_time_s": time.perf_counter() - t_epoch}) + "\n")
             log.flush()

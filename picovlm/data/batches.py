@@ -60,7 +60,7 @@ class CaptionBatches:
                 truncated += len(ids) > max_tokens
                 rows.append(ids[:max_tokens])
                 image_of.append(i)
-                flippable.append(not any(w in cap.lower() for w in _LEFT_RIGHT))
+                flippable.append(is_flippable(cap))
         if truncated:
             warnings.warn(f"{truncated} caption(s) longer than {cfg.lm_max_text_len} tokens were truncated",
                           stacklevel=2)
@@ -93,10 +93,24 @@ class CaptionBatches:
 
     def batch(self, pair_idx: torch.Tensor) -> Batch:
         t = int(self.lengths[pair_idx].max())
-        tokens = self.tokens[pair_idx, :t]  # (B, t)
-        targets = tokens[:, 1:].clone()
-        targets[targets == 0] = IGNORE_INDEX  # <pad> is id 0 and never a real target
-        return Batch(self.images[self.image_of[pair_idx]], tokens[:, :-1], targets, self.flippable[pair_idx])
+        input_ids, targets = shift_targets(self.tokens[pair_idx, :t])
+        return Batch(self.images[self.image_of[pair_idx]], input_ids, targets, self.flippable[pair_idx])
+
+    def describe(self) -> str:
+        return f"{len(self)} captions"
+
+
+def is_flippable(caption: str) -> bool:
+    """A mirrored image still fits the caption unless the caption says left or right."""
+    return not any(w in caption.lower() for w in _LEFT_RIGHT)
+
+
+def shift_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, t) padded [<bos>, ..., <eos>, <pad>...] -> input_ids tokens[:, :-1] and targets tokens[:, 1:],
+    with IGNORE_INDEX where the target is padding."""
+    targets = tokens[:, 1:].clone()
+    targets[targets == 0] = IGNORE_INDEX  # <pad> is id 0 and never a real target
+    return tokens[:, :-1], targets
 
 
 AUGMENT_DRAWS = 6  # uniform random numbers augment() uses per image

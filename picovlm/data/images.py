@@ -51,14 +51,15 @@ def _decode(source: Path | io.BytesIO, path: str) -> Image.Image:
                 raise UserError(f"{path}: {im.width}x{im.height} pixels is too large (decompression bomb?); "
                                 f"resize it below {MAX_IMAGE_PIXELS} pixels")
             im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            return to_rgb(im)
     except UserError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}; check that the file is a complete image") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit greyscale rescaled, transparency over white)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
         arr = np.asarray(im, dtype=np.float64)
