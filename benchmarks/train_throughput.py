@@ -20,6 +20,7 @@ put beside the matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (allocator, caches)")
+    p.add_argument("--compile", action="store_true", help="add a third arm: picovlm under torch.compile")
     args = p.parse_args()
 
     cfg, tc = supravl_nano(), TrainConfig(batch_size=args.batch_size, warmup_steps=10)
@@ -123,19 +125,25 @@ def main() -> None:
     baseline = RefVLM(config_to_json(cfg))
     baseline.load_state_dict(ours.state_dict(), strict=False)  # same initial weights
     baseline.lm_head.weight = baseline.tok_emb.weight
+    compiled = copy.deepcopy(ours) if args.compile else None
     to_channels_last(ours)  # as picovlm.train.train does
     opt_ours, opt_base = configure_optimizer(ours, tc, "cpu"), configure_optimizer(baseline, tc, "cpu")
+    arms = {"picovlm": (ours, opt_ours)}
+    if compiled is not None:
+        to_channels_last(compiled)
+        arms["picovlm_compiled"] = (torch.compile(compiled), configure_optimizer(compiled, tc, "cpu"))
+    first_step_s: dict[str, float] = {}
 
     total = args.warmup_steps + args.steps
     order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(tc.seed))
-    times: dict[str, list[float]] = {"baseline": [], "picovlm": []}
-    losses: dict[str, list[float]] = {"baseline": [], "picovlm": []}
-    flops = {"baseline": 0, "picovlm": 0}
+    times: dict[str, list[float]] = {name: [] for name in ("baseline", *arms)}
+    losses: dict[str, list[float]] = {name: [] for name in times}
+    flops = {name: 0 for name in times}
     flop_model = SupraVL(cfg)
     for step in range(total):
         pair_idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         lr = get_lr(step, total, tc)
-        for opt in (opt_ours, opt_base):
+        for opt in (opt_base, *(o for _, o in arms.values())):
             for group in opt.param_groups:
                 group["lr"] = lr
 
@@ -145,19 +153,20 @@ def main() -> None:
         loss_base = baseline_step(baseline, opt_base, images, batch.input_ids, batch.targets, tc)
         t_base = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        step_batch = to_device(train_data.batch(pair_idx), cfg, "cpu")
-        loss_ours = train_step(ours, opt_ours, None, step_batch, tc, precision, "cpu", step)
-        t_ours = time.perf_counter() - t0
+        step_time = {"baseline": t_base}
+        losses["baseline"].append(loss_base)
+        for name, (model, opt) in arms.items():
+            t0 = time.perf_counter()
+            step_batch = to_device(train_data.batch(pair_idx), cfg, "cpu")
+            losses[name].append(train_step(model, opt, None, step_batch, tc, precision, "cpu", step))
+            step_time[name] = time.perf_counter() - t0
+            first_step_s.setdefault(name, step_time[name])  # the compiled arm's includes compiling
 
         if step >= args.warmup_steps:
-            times["baseline"].append(t_base)
-            times["picovlm"].append(t_ours)
-            # Each arm's own work: the baseline's head also runs on padding positions.
-            flops["baseline"] += training_flops(flop_model, step_batch, loss_only=False)
-            flops["picovlm"] += training_flops(flop_model, step_batch, loss_only=True)
-        losses["baseline"].append(loss_base)
-        losses["picovlm"].append(loss_ours)
+            for name in times:
+                times[name].append(step_time[name])
+                # Each arm's own work: the baseline's head also runs on padding positions.
+                flops[name] += training_flops(flop_model, step_batch, loss_only=name != "baseline")
 
     held_out = [to_device(b, cfg, "cpu") for b, _ in zip(dev_data.epoch(args.batch_size, seed=None), range(4))]
     ours.eval()
@@ -172,13 +181,16 @@ def main() -> None:
     # Per-step medians too: a burst of other work on this machine inflates a few steps of either arm.
     median_rate = {name: args.batch_size / statistics.median(t) for name, t in times.items()}
     gflops = {name: flops[name] / sum(times[name]) / 1e9 for name in times}
-    used = {"baseline": "fp32", "picovlm": precision}
+    used = {name: "fp32" if name == "baseline" else precision for name in times}
     print(json.dumps({
         "benchmark": "train_throughput", "model": "supravl-nano", "data": str(data_dir),
         "batch_size": args.batch_size, "timed_steps": args.steps, "threads": torch.get_num_threads(),
         "precision": used,
         "samples_per_s": rate,
         "speedup": rate["picovlm"] / rate["baseline"],
+        **({"speedup_compiled": rate["picovlm_compiled"] / rate["baseline"],
+            "compile_first_step_s": first_step_s["picovlm_compiled"],
+            "uncompiled_first_step_s": first_step_s["picovlm"]} if args.compile else {}),
         "samples_per_s_median_step": median_rate,
         "speedup_median_step": median_rate["picovlm"] / median_rate["baseline"],
         "train_loss_last_step": {k: v[-1] for k, v in losses.items()},

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="random resized crop, colour jitter, safe flips")
     p.add_argument("--save-every", type=int, default=None, help="also save last/ every N steps")
     p.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="metrics.jsonl line every N steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (a cold compile first)")
     p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,
                    help="DataLoader worker processes decoding a streamed source (0: in this process)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -142,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     tc = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                      min_lr=args.min_lr, warmup_steps=args.warmup_steps, precision=args.precision,
                      seed=args.seed, augment=args.augment, save_every=args.save_every,
-                     log_every=args.log_every, num_workers=args.num_workers)
+                     log_every=args.log_every, num_workers=args.num_workers, compile=args.compile)
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary

@@ -158,6 +158,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     seed: int = 1337
     augment: bool = False
+    compile: bool = False  # torch.compile the model for training (costs a cold compile at the start)
     num_workers: int = 0  # DataLoader workers for a streamed source (in-memory data needs none)
     log_every: int = 10
     save_every: int | None = None  # also save last/ every N steps (default: at the end of each epoch)

@@ -436,6 +436,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     model.tokenizer = data.tokenizer
     to_channels_last(model).train()
     ddp_model = wrap_model(model, dist_info, device)  # the model itself in one process
+    if tc.compile:  # opt-in: the first steps pay for compilation (benchmarks/train_throughput.py --compile)
+        ddp_model = torch.compile(ddp_model)
 
     optimizer = configure_optimizer(model, tc, device)
     aug_rng = torch.Generator().manual_seed(tc.seed + 1)

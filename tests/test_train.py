@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -118,3 +119,36 @@ def test_second_ctrl_c_stops_at_once_without_saving_a_torn_state(tmp_path: Path,
         train(tiny_config(), TrainConfig(epochs=1, batch_size=16), tmp_path / "x", data_dir=shapes_dir,
               progress_bar=False)
     assert not (tmp_path / "x" / "last").exists()  # nothing half-done was written
+
+
+def test_compiled_training_saves_plain_checkpoints(tmp_path: Path, shapes_dir: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    tc = TrainConfig(max_steps=3, batch_size=16, warmup_steps=1, compile=True, precision="fp32")
+    summary = train(tiny_config(), tc, tmp_path / "run", data_dir=shapes_dir, progress_bar=False)
+    assert counters["stats"]["unique_graphs"] > 0  # the steps really ran compiled
+    weights = _weights(tmp_path / "run" / "last")
+    assert summary["steps"] == 3 and not any("_orig_mod" in k for k in weights)
+    assert torch.isfinite(torch.tensor(summary["train_loss"]))
+
+
+def test_fp16_step_with_grad_scaler_skips_overflowing_steps() -> None:
+    """The CUDA fp16 path (autocast + GradScaler), exercised on CPU, where both exist too."""
+    from picovlm.train import configure_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = SupraVL(tiny_config())
+    tc = TrainConfig(batch_size=4)
+    opt = configure_optimizer(model, tc, "cpu")
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(3, 300, (4, 6)), torch.randint(3, 300, (4, 6)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_step(model, opt, scaler, batch, tc, "fp16", "cpu", step=0)
+    assert math.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # A scale so large that fp16 gradients overflow: the scaler must skip the update and back off.
+    overflowing = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, opt, overflowing, batch, tc, "fp16", "cpu", step=1)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert overflowing.get_scale() < 2.0**60
