@@ -10,6 +10,8 @@
     picovlm info PRESET               SupraVL(cfg).param_counts()
     picovlm data make-shapes DIR      picovlm.data.shapes.make_shapes_dataset
     picovlm data make-shards D OUT    picovlm.data.shards.write_shards
+    picovlm data make-vqa OUT         picovlm.data.cauldron.write_shapes_vqa
+    picovlm data build-cauldron ...   picovlm.data.cauldron.build_cauldron
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
 
 User mistakes (`UserError`) print as one line, `picovlm: error: ...`, and exit with status 2.
@@ -128,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("data", help="dataset folder (Flickr8k layout)")
     q.add_argument("out")
     q.add_argument("--per-shard", type=int, default=1000, help="(image, caption) samples per shard")
+    q = data_sub.add_parser("make-vqa", help="write the built-in VQA set (Cauldron format) and a multiple-choice "
+                            "set (MMStar format, in OUT/mmstar)")
+    q.add_argument("out")
+    q.add_argument("--n-train", type=int, default=2000)
+    q.add_argument("--n-val", type=int, default=200)
+    q.add_argument("--n-multiple-choice", type=int, default=200)
+    q = data_sub.add_parser("build-cauldron", help="a Cauldron-format dataset from a folder of images and a JSONL "
+                            "file of {image, question, answer} or {images, texts} lines")
+    q.add_argument("images", help="folder the JSONL's image names are relative to")
+    q.add_argument("jsonl")
+    q.add_argument("out")
+    q.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share as the validation split")
+    q.add_argument("--source", default="custom", help="the `source` of every turn")
 
     p = sub.add_parser("push-to-hub", help="upload a checkpoint folder to the Hugging Face Hub")
     p.add_argument("model")
@@ -230,6 +245,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "make-vqa":
+        from picovlm.data.cauldron import write_shapes_vqa
+
+        write_shapes_vqa(args.out, args.n_train, args.n_val, args.n_multiple_choice)
+        print(f"wrote {args.n_train} train / {args.n_val} validation VQA images and {args.n_multiple_choice} "
+              f"multiple-choice questions to {args.out}")
+        return
+    if args.data_command == "build-cauldron":
+        from picovlm.data.cauldron import build_cauldron
+
+        counts = build_cauldron(args.images, args.jsonl, args.out, args.source, args.val_fraction)
+        print(f"wrote {counts['train']} train and {counts['validation']} validation examples to {args.out}")
+        return
     if args.data_command == "make-shards":
         from picovlm.data.shards import write_shards
 

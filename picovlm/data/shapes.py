@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,30 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+@dataclass(frozen=True)
+class Scene:
+    """What a scene shows: `count` identical shapes (the group) `relation` one other shape."""
+
+    count: int
+    colour: str  # the group's
+    shape: str
+    other_colour: str  # the single shape's
+    other_shape: str
+    relation: str  # where the group is, seen from the single shape: "left of", ..., "below"
+
+    def captions(self) -> list[str]:
+        group, single = _phrase(self.count, self.colour, self.shape), _phrase(1, self.other_colour, self.other_shape)
+        return [f"{group} {self.relation} {single}", f"{single} {INVERSE[self.relation]} {group}"]
+
+
 def make_scene(rng: random.Random, size: int = 128) -> tuple[Image.Image, list[str]]:
     """One random scene and its two captions."""
+    image, scene = draw_scene(rng, size)
+    return image, scene.captions()
+
+
+def draw_scene(rng: random.Random, size: int = 128) -> tuple[Image.Image, Scene]:
+    """One random scene and the facts it shows."""
     count = rng.choice([1, 2, 3])
     colour_a, colour_b = rng.sample(list(COLOURS), 2)
     shape_a, shape_b = rng.choice(SHAPES), rng.choice(SHAPES)
@@ -88,8 +111,7 @@ def make_scene(rng: random.Random, size: int = 128) -> tuple[Image.Image, list[s
     along = size * rng.uniform(0.3, 0.7)
     x, y = (across, along) if horizontal else (along, across)
     _draw_shape(draw, shape_b, x, y, r, COLOURS[colour_b])
-    group, single = _phrase(count, colour_a, shape_a), _phrase(1, colour_b, shape_b)
-    return image, [f"{group} {relation} {single}", f"{single} {INVERSE[relation]} {group}"]
+    return image, Scene(count, colour_a, shape_a, colour_b, shape_b, relation)
 
 
 def make_shapes_dataset(out: str | Path, n_images: int = 3000, size: int = 128, seed: int = 0,
