@@ -139,28 +139,31 @@ def siglip_vision_config(folder: Path, img_size: int | None = None) -> tuple[dic
         raise UserError(f"{config_path}: num_channels={v['num_channels']}; the ViT takes RGB images (3)")
     patch = _square(v["patch_size"], "patch_size", config_path)
     if naflex:
-        grid = math.isqrt(v["num_patches"])
-        if grid * grid != v["num_patches"]:
-            raise UserError(f"{config_path}: num_patches={v['num_patches']} is not a square grid")
+        n = v["num_patches"]
+        grid = math.isqrt(n) if isinstance(n, int) and n > 0 else 0
+        if grid * grid != n:
+            raise UserError(f"{config_path}: num_patches={n!r} is not a square grid of patches")
         size = grid * patch if img_size is None else img_size
     else:
         size = _square(v["image_size"], "image_size", config_path)
         if img_size is not None and img_size != size:
             raise UserError(f"{folder} is trained at {size} px and its position embeddings are not "
                             f"resized; use img_size {size} (only NaFlex checkpoints take another size)")
-    if size <= 0 or size % patch:
-        raise UserError(f"image size {size} is not a positive multiple of the patch size {patch}")
-    if v["hidden_size"] % v["num_attention_heads"]:
-        raise UserError(f"{config_path}: hidden_size={v['hidden_size']} is not divisible by "
-                        f"num_attention_heads={v['num_attention_heads']}")
     mean_std = _mean_std(folder / "preprocessor_config.json")
     fields = {
         "vision_type": "vit", "img_size": size, "img_mean": mean_std[0], "img_std": mean_std[1],
         "vit_hidden_dim": v["hidden_size"], "vit_inter_dim": v["intermediate_size"],
         "vit_n_heads": v["num_attention_heads"], "vit_n_blocks": v["num_hidden_layers"],
-        "vit_patch_size": patch, "vit_img_size": size, "vit_ln_eps": float(v["layer_norm_eps"]),
+        "vit_patch_size": patch, "vit_img_size": size, "vit_ln_eps": v["layer_norm_eps"],
     }
-    return fields, naflex
+    try:
+        # Types and the vit_ rules (heads divide the width, patches tile the image), checked as for
+        # any config. The projector's factor is checked where a projector is built: 1 divides every
+        # grid, including the 27 x 27 of siglip-so400m-patch14-384.
+        checked = VLMConfig.from_dict({**fields, "mp_pixel_shuffle_factor": 1}).to_dict()
+    except UserError as e:
+        raise UserError(f"{config_path}: {e}") from None
+    return {name: checked[name] for name in fields}, naflex  # as read, with types made exact
 
 
 def _mean_std(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -171,7 +174,7 @@ def _mean_std(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean, std = pre.get("image_mean", SIGLIP_MEAN_STD), pre.get("image_std", SIGLIP_MEAN_STD)
     if not all(isinstance(x, list | tuple) and len(x) == 3 for x in (mean, std)):
         raise UserError(f"{path}: image_mean and image_std must be lists of 3 numbers")
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    return tuple(mean), tuple(std)  # VLMConfig.from_dict checks that they are numbers
 
 
 def safetensors_index(folder: Path) -> dict[str, Path]:
@@ -217,8 +220,8 @@ def naflex_to_fixed(state: dict[str, torch.Tensor], vit: ViT) -> dict[str, torch
         # transformers flattens a patch as (row, column, channel); a Conv2d kernel is (channel, row, column).
         state["patch_embedding.weight"] = w.view(D, P, P, 3).permute(0, 3, 1, 2).contiguous()
     pos = state["position_embedding"]
-    g = math.isqrt(pos.shape[0])
-    if pos.ndim == 2 and pos.shape[1] == D and g * g == pos.shape[0]:
+    g = math.isqrt(pos.shape[0]) if pos.ndim == 2 else 0
+    if g * g == pos.shape[0] and pos.shape[1] == D:
         grid = pos.view(g, g, D).permute(2, 0, 1)[None].float()  # (1, D, g, g), fp32 as transformers
         grid = F.interpolate(grid, size=(vit.grid, vit.grid), mode="bilinear", align_corners=False, antialias=True)
         state["position_embedding"] = grid[0].flatten(1).T.to(pos.dtype)  # (grid*grid, D), row-major
@@ -231,14 +234,13 @@ def load_siglip_vit(source: str | Path, img_size: int | None = None) -> tuple[Vi
     model's config with `cfg.with_overrides(fields)`."""
     folder = resolve_source(source)
     fields, naflex = siglip_vision_config(folder, img_size)
-    vit = ViT(VLMConfig(**fields))
+    with torch.device("meta"):  # shapes only: every tensor is replaced by the file's below
+        vit = ViT(VLMConfig(**fields))
     where = safetensors_index(folder)
-    has_prefix = any(name.startswith("vision_model.") for name in where)
-    prefix = "vision_model." if has_prefix else ""
+    prefix = "vision_model." if any(name.startswith("vision_model.") for name in where) else ""
     ours = {hf_name(k): k for k in vit.state_dict()}  # HF name (no prefix) -> our name
     # The file's vision tensors: under the prefix, minus the pooling head nanoVLM drops too.
-    theirs = {k[len(prefix):] for k in where if k.startswith(prefix)} if has_prefix else set(where)
-    theirs = {k for k in theirs if not k.startswith("head.")}
+    theirs = {k[len(prefix):] for k in where if k.startswith(prefix) and not k[len(prefix):].startswith("head.")}
     missing, unexpected = sorted(set(ours) - theirs), sorted(theirs - set(ours))
     if missing or unexpected:
         raise UserError(f"{folder} does not fit a ViT built from its config.json: missing {missing[:3]}, "
@@ -253,5 +255,6 @@ def load_siglip_vit(source: str | Path, img_size: int | None = None) -> tuple[Vi
     if wrong:
         raise UserError(f"{folder} does not fit a ViT built from its config.json: wrong shapes "
                         f"{wrong[:3]} ({len(wrong)} in all; file vs config)")
-    vit.load_state_dict(state, strict=True)
+    # fp32 whatever the file holds (fp32, bf16, fp16), like every other picovlm module.
+    vit.load_state_dict({k: t.float() for k, t in state.items()}, strict=True, assign=True)
     return vit, fields

@@ -18,7 +18,7 @@ from picovlm.config import VLMConfig
 from picovlm.errors import UserError
 from picovlm.models.projector import ModalityProjector, pixel_shuffle
 from picovlm.models.vit import ViT, vit_param_count
-from picovlm.siglip import load_siglip_vit, resolve_source
+from picovlm.siglip import load_siglip_vit, resolve_source, siglip_vision_config
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
 
@@ -94,6 +94,7 @@ def test_siglip_vision_model_matches_transformers(transformers: ModuleType, tmp_
                       "vit_hidden_dim": 64, "vit_inter_dim": 128, "vit_n_heads": 4, "vit_n_blocks": 2,
                       "vit_patch_size": 8, "vit_img_size": 32, "vit_ln_eps": 1e-6}
     VLMConfig().with_overrides(fields)  # the fields make a valid model config
+    assert all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" for p in vit.parameters())
     assert _max_diff(tmp_path, hf) <= 1e-4
 
 
@@ -136,6 +137,37 @@ def test_siglip2_naflex_at_a_fixed_resolution_matches_transformers(transformers:
                                spatial_shapes=torch.tensor([[g, g]] * 2)).last_hidden_state
             ours = vit.eval()(pixels)
         assert (ours - theirs).abs().max().item() <= 1e-4, size
+
+
+def test_published_config_files_read_as_expected(tmp_path: Path) -> None:
+    """Hub config.json files leave out the fields equal to transformers' defaults."""
+    (tmp_path / "config.json").write_text(json.dumps({  # google/siglip-base-patch16-224's, text_config cut
+        "architectures": ["SiglipModel"], "model_type": "siglip", "text_config": {"vocab_size": 32000},
+        "vision_config": {"model_type": "siglip_vision_model", "patch_size": 16}}))
+    fields, naflex = siglip_vision_config(tmp_path)
+    defaults = VLMConfig()
+    assert not naflex and all(value == getattr(defaults, name) for name, value in fields.items()
+                              if name.startswith("vit_"))
+    assert (fields["img_size"], fields["img_mean"], fields["img_std"]) == (224, (0.5,) * 3, (0.5,) * 3)
+    # google/siglip2-base-patch16-512 (nanoVLM's later encoder) is a fixed-resolution "siglip" model.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "siglip", "vision_config": {"image_size": 512, "model_type": "siglip_vision_model"}}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5],
+                                                                   "image_std": [0.25, 0.25, 0.25]}))
+    fields, _ = siglip_vision_config(tmp_path)
+    assert (fields["vit_img_size"], fields["img_std"]) == (512, (0.25,) * 3)
+    assert VLMConfig().with_overrides({**fields, "mp_pixel_shuffle_factor": 4}).vit_img_size == 512
+    # SigLIP 2 NaFlex: a 16x16 position grid, 256 px unless told otherwise.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2", "vision_config": {}}))
+    assert siglip_vision_config(tmp_path)[0]["vit_img_size"] == 256
+    assert siglip_vision_config(tmp_path, img_size=224) == ({**fields, "img_size": 224, "vit_img_size": 224,
+                                                             "img_std": (0.25,) * 3}, True)
+    for bad, pattern in (({"hidden_size": 770}, "not divisible by vit_n_heads"),
+                         ({"image_size": [224, 160]}, r"image_size=\[224, 160\]"),
+                         ({"hidden_size": 768.0}, "vit_hidden_dim has the wrong type")):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model", **bad}))
+        with pytest.raises(UserError, match=pattern):
+            siglip_vision_config(tmp_path)
 
 
 def test_loader_errors_are_one_line_user_errors(transformers: ModuleType, tmp_path: Path) -> None:
