@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from picovlm.config import VLMConfig
 from picovlm.errors import UserError
 from picovlm.models.projector import ModalityProjector, pixel_shuffle
+from picovlm.models.supravl import SupraVL
 from picovlm.models.vit import ViT, vit_param_count
 from picovlm.siglip import load_siglip_vit, resolve_source, siglip_vision_config
 
@@ -45,6 +46,11 @@ def test_vit_shapes_and_config_validation() -> None:
         vit_config(vit_img_size=36).validate()
     with pytest.raises(UserError, match="mp_pixel_shuffle_factor=3"):
         vit_config(mp_pixel_shuffle_factor=3).validate()
+    with pytest.raises(UserError, match="vit_dropout"):
+        vit_config(vit_dropout=1.0).validate()
+    VLMConfig(vit_n_heads=5).validate()  # vit_ fields are not checked while the encoder is the CNN
+    with pytest.raises(UserError, match="not supported by SupraVL yet"):
+        SupraVL(cfg)  # never a CNN built silently from a vit config
 
 
 def test_attention_is_not_causal() -> None:
