@@ -2,8 +2,9 @@
 
 One `VLMConfig` describes a whole model. Field prefixes say which component owns a
 hyperparameter, as in nanoVLM: `vision_` for the choice of vision encoder and its pretrained
-parts, `cnn_` for the convolutional encoder's shape, `lm_` for the language decoder, no
-prefix for the image itself and for how the two are fused.
+parts, `cnn_` for the convolutional encoder's shape, `vit_` for the vision transformer's
+(SigLIP's vision tower), `mp_` for the modality projector that follows it, `lm_` for the
+language decoder, no prefix for the image itself and for how the two are fused.
 `TrainConfig` holds everything about optimisation that is not part of the model.
 
 Presets are plain functions of nothing that return a config, so `picovlm info NAME` and
@@ -19,7 +20,7 @@ from typing import Any
 
 from picovlm.errors import UserError
 
-VISION_TYPES = ("cnn", "mobilenet_v2")
+VISION_TYPES = ("cnn", "mobilenet_v2", "vit")
 
 
 @dataclass
@@ -29,13 +30,27 @@ class VLMConfig:
     img_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
     img_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     # --- vision encoder ---
-    vision_type: str = "cnn"  # cnn: trained from scratch | mobilenet_v2: frozen ImageNet backbone
+    # cnn: trained from scratch | mobilenet_v2: frozen ImageNet backbone | vit: SigLIP-style ViT
+    vision_type: str = "cnn"
     cnn_channels: tuple[int, ...] = (16, 32, 64)  # (cnn only) one Conv-BN-ReLU (stride 2) per entry
     cnn_grid: int = 4  # adaptive pooling to a grid x grid map -> grid**2 visual tokens
     # (mobilenet_v2 only) where a new model's ImageNet weights come from: "auto", a .pth path,
     # or "none" (random backbone); see picovlm.pretrained. Checkpoints carry their own weights.
     vision_weights: str = "auto"
     vision_proj: str = "linear"  # (mobilenet_v2 only) 1280 -> lm_hidden_dim: linear | mlp
+    # --- vision transformer (vit only; see models/vit.py) ---
+    # Names as in nanoVLM; defaults are SigLIP-B/16-224's vision tower (google/siglip-base-patch16-224),
+    # whose config.json these fields are read from (picovlm.siglip). 14x14 = 196 patches of 768.
+    vit_hidden_dim: int = 768
+    vit_inter_dim: int = 3072  # width of the MLP's hidden layer
+    vit_n_heads: int = 12
+    vit_n_blocks: int = 12
+    vit_patch_size: int = 16
+    vit_img_size: int = 224  # the position embeddings cover (vit_img_size / vit_patch_size)**2 patches
+    vit_ln_eps: float = 1e-6
+    vit_dropout: float = 0.0  # attention and residual dropout; SigLIP was trained without
+    # --- modality projector (vit only; see models/projector.py) ---
+    mp_pixel_shuffle_factor: int = 2  # r: each r x r patch neighbourhood becomes one visual token
     # --- language decoder (GPT-2 style) ---
     lm_type: str = "gpt2"
     lm_hidden_dim: int = 128
@@ -73,6 +88,8 @@ class VLMConfig:
                 raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
         if self.vision_type not in VISION_TYPES:
             raise UserError(f"unknown vision_type {self.vision_type!r}; choose one of {', '.join(VISION_TYPES)}")
+        if self.vision_type == "vit":
+            self._validate_vit()
         if self.vision_proj not in ("linear", "mlp"):
             raise UserError(f"unknown vision_proj {self.vision_proj!r}; choose linear or mlp")
         if self.lm_type != "gpt2" or self.fusion != "prefix":
@@ -80,6 +97,26 @@ class VLMConfig:
                 f"unsupported combination lm_type={self.lm_type!r}, fusion={self.fusion!r}; "
                 f"this version supports gpt2 + prefix"
             )
+
+    def _validate_vit(self) -> None:
+        for name in ("vit_hidden_dim", "vit_inter_dim", "vit_n_heads", "vit_n_blocks", "vit_patch_size",
+                     "vit_img_size", "mp_pixel_shuffle_factor"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.vit_hidden_dim % self.vit_n_heads:
+            raise UserError(
+                f"vit_hidden_dim={self.vit_hidden_dim} is not divisible by vit_n_heads={self.vit_n_heads}"
+            )
+        if self.vit_img_size % self.vit_patch_size:
+            raise UserError(f"vit_img_size={self.vit_img_size} is not a multiple of "
+                            f"vit_patch_size={self.vit_patch_size}")
+        if not 0.0 <= self.vit_dropout < 1.0:
+            raise UserError(f"vit_dropout must be in [0, 1), got {self.vit_dropout}")
+        grid = self.vit_img_size // self.vit_patch_size
+        if grid % self.mp_pixel_shuffle_factor:
+            raise UserError(f"the ViT's {grid}x{grid} patch grid (vit_img_size {self.vit_img_size} / "
+                            f"vit_patch_size {self.vit_patch_size}) is not divisible by "
+                            f"mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor}")
 
     # --- (de)serialisation -------------------------------------------------
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from picovlm.config import VLMConfig
+from picovlm.errors import UserError
 from picovlm.kv_cache import KVCache
 from picovlm.models.gpt2 import Block
 from picovlm.models.mobilenet_v2 import MobileNetV2Encoder
@@ -51,6 +52,8 @@ class SupraVL(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         cfg.validate()
+        if cfg.vision_type == "vit":  # the ViT and its projector exist (models/vit.py) but are not wired in yet
+            raise UserError("vision_type 'vit' is not supported by SupraVL yet; use cnn or mobilenet_v2")
         self.cfg = cfg
         # A pretrained backbone starts random here; load_pretrained_vision() or a checkpoint fills it.
         self.vis_enc = MobileNetV2Encoder(cfg) if cfg.vision_type == "mobilenet_v2" else CNNEncoder(cfg)
