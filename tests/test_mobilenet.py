@@ -73,7 +73,7 @@ def test_pico_mobilenet_preset() -> None:
 
 def test_config_rejects_unknown_encoder_choices() -> None:
     with pytest.raises(UserError, match="vision_type"):
-        tiny_config(vision_type="vit").validate()
+        tiny_config(vision_type="resnet").validate()
     with pytest.raises(UserError, match="vision_proj"):
         tiny_config(vision_type="mobilenet_v2", vision_proj="qformer").validate()
 
