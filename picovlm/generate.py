@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -53,15 +53,28 @@ class GenerationConfig:
             raise UserError("need beam_width >= 1, top_k >= 1, 0 < top_p <= 1 and temperature > 0")
 
 
-class _Decoder:
-    """Feeds tokens to the model: incrementally through a KV cache, or by full recomputation."""
+class DecodingSession(Protocol):
+    """What the strategies below need from a model: logits for the first new token, then for the
+    next one after each step, and a way to keep only some rows (beam search). SupraVL's session
+    is below; NanoVLM brings its own (picovlm.models.nanovlm)."""
 
-    def __init__(self, model: SupraVL, visual: torch.Tensor, use_cache: bool):
-        self.model, self.visual, self.use_cache = model, visual, use_cache
+    def prefill(self) -> torch.Tensor: ...  # (B, V) logits of the first new token
+
+    def step(self, seqs: torch.Tensor) -> torch.Tensor: ...  # seqs (N, t): start + new tokens -> (N, V)
+
+    def select_rows(self, rows: torch.Tensor) -> None: ...  # keep these rows, in this order
+
+
+class _PrefixSession:
+    """SupraVL: [visual tokens, <bos>] first, then one token per step, through a KV cache or by
+    full recomputation."""
+
+    def __init__(self, model: SupraVL, visual: torch.Tensor, start: torch.Tensor, use_cache: bool):
+        self.model, self.visual, self.start, self.use_cache = model, visual, start, use_cache
         self.cache = model.new_cache(visual.shape[0]) if use_cache else None
 
-    def prefill(self, seqs: torch.Tensor) -> torch.Tensor:
-        return self.model.next_token_logits(seqs, self.visual, self.cache)  # (B, V)
+    def prefill(self) -> torch.Tensor:
+        return self.model.next_token_logits(self.start, self.visual, self.cache)  # (B, V)
 
     def step(self, seqs: torch.Tensor) -> torch.Tensor:
         """seqs (N, t): all tokens so far, the newest last -> logits (N, V)."""
@@ -88,11 +101,17 @@ def generate(model: SupraVL, images: torch.Tensor, gen: GenerationConfig | None 
     gen.validate()
     model.eval()
     visual = model.encode_images(images)  # (B, P, D)
-    if gen.strategy == "beam":
-        seqs = _beam_search(model, visual, gen)
-    else:
-        seqs = _sample(model, visual, gen)
-    eos = model.cfg.eos_token_id
+    start = torch.full((visual.shape[0], 1), model.cfg.bos_token_id, dtype=torch.long, device=visual.device)
+    session = _PrefixSession(model, visual, start, gen.use_cache)
+    return decode(session, start, gen, model.cfg.eos_token_id, _max_steps(model, gen))
+
+
+def decode(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig, eos: int,
+           n_steps: int) -> list[list[int]]:
+    """Run a strategy for up to n_steps new tokens; start (B, 1) is the token before them.
+    Returns the new tokens of each row, cut before its first <eos>."""
+    seqs = _beam_search(session, start, gen, eos, n_steps) if gen.strategy == "beam" else \
+        _sample(session, start, gen, eos, n_steps)
     out = []
     for row in seqs[:, 1:].tolist():
         out.append(row[:row.index(eos)] if eos in row else row)
@@ -117,34 +136,31 @@ def _pick_next(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
-def _sample(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
-    B, bos, eos = visual.shape[0], model.cfg.bos_token_id, model.cfg.eos_token_id
-    rng = torch.Generator(device=visual.device).manual_seed(gen.seed) if gen.seed is not None else None
-    decoder = _Decoder(model, visual, gen.use_cache)
-    seqs = torch.full((B, 1), bos, dtype=torch.long, device=visual.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=visual.device)
-    n_steps = _max_steps(model, gen)
-    logits = decoder.prefill(seqs) if n_steps else None
+def _sample(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig, eos: int,
+            n_steps: int) -> torch.Tensor:
+    B, dev = start.shape[0], start.device
+    rng = torch.Generator(device=dev).manual_seed(gen.seed) if gen.seed is not None else None
+    seqs = start
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    logits = session.prefill() if n_steps else None
     for step in range(n_steps):
         nxt = _pick_next(logits, gen, rng).masked_fill(finished, eos)  # (B,)
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         finished |= nxt == eos
         if finished.all() or step == n_steps - 1:
             break
-        logits = decoder.step(seqs)
+        logits = session.step(seqs)
     return seqs
 
 
-def _beam_search(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
-    B, W, dev = visual.shape[0], gen.beam_width, visual.device
-    bos, eos = model.cfg.bos_token_id, model.cfg.eos_token_id
-    n_steps = _max_steps(model, gen)
-    decoder = _Decoder(model, visual, gen.use_cache)
-    seqs = torch.full((B, 1), bos, dtype=torch.long, device=dev)
+def _beam_search(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig, eos: int,
+                 n_steps: int) -> torch.Tensor:
+    B, W, dev = start.shape[0], gen.beam_width, start.device
+    seqs = start
     if n_steps == 0:
         return seqs
-    logits = decoder.prefill(seqs)  # (B, V): the W beams of an image start identical,
-    decoder.select_rows(torch.arange(B, device=dev).repeat_interleave(W))  # so prefill once
+    logits = session.prefill()  # (B, V): the W beams of an image start identical,
+    session.select_rows(torch.arange(B, device=dev).repeat_interleave(W))  # so prefill once
     logits, seqs = logits.repeat_interleave(W, dim=0), seqs.repeat_interleave(W, dim=0)  # (B*W, ...)
     scores = torch.full((B, W), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # one live beam to start with, as in the reference
@@ -173,8 +189,8 @@ def _beam_search(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig) ->
         seqs = torch.cat([seqs.index_select(0, rows), token.view(-1, 1)], dim=1)
         if finished.all() or step == n_steps - 1:
             break
-        decoder.select_rows(rows)
-        logits = decoder.step(seqs)
+        session.select_rows(rows)
+        logits = session.step(seqs)
     return seqs.view(B, W, -1)[:, 0]  # best beam of each image
 
 
