@@ -20,6 +20,7 @@ from typing import Any
 from picovlm.errors import UserError
 
 VISION_TYPES = ("cnn", "mobilenet_v2")
+LM_TYPES = ("gpt2", "llama")
 
 
 @dataclass
@@ -37,7 +38,7 @@ class VLMConfig:
     vision_weights: str = "auto"
     vision_proj: str = "linear"  # (mobilenet_v2 only) 1280 -> lm_hidden_dim: linear | mlp
     # --- language decoder (GPT-2 style) ---
-    lm_type: str = "gpt2"
+    lm_type: str = "gpt2"  # gpt2: models/gpt2.py | llama: models/llama.py (SmolLM2), which also reads the block below
     lm_hidden_dim: int = 128
     lm_n_heads: int = 4
     lm_n_blocks: int = 3
@@ -46,6 +47,11 @@ class VLMConfig:
     lm_max_text_len: int = 48  # text positions; the context is n_vis_tokens + this
     lm_dropout: float = 0.0
     lm_tie_weights: bool = True  # lm_head shares the token-embedding matrix
+    # --- Llama-style decoder only (lm_type "llama"); nanoVLM's names, SmolLM2-135M's values ---
+    lm_n_kv_heads: int = 3  # grouped-query attention: key/value heads, each shared by lm_n_heads / lm_n_kv_heads
+    lm_rms_eps: float = 1e-5  # RMSNorm epsilon
+    lm_re_base: float = 100000.0  # RoPE theta: dimension pair i turns at position * theta^(-2i / head_dim)
+    lm_max_position_embeddings: int = 8192  # positions RoPE was trained for; sequences and KV caches stay below
     # --- fusion and special tokens ---
     fusion: str = "prefix"  # visual tokens first, then text, one causal sequence
     pad_token_id: int = 0
@@ -62,12 +68,8 @@ class VLMConfig:
 
     def validate(self) -> None:
         """Raise UserError for values that cannot build a model."""
-        if self.lm_hidden_dim % self.lm_n_heads:
-            raise UserError(
-                f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}"
-            )
-        positive = ["img_size", "cnn_grid", "lm_hidden_dim", "lm_n_heads", "lm_n_blocks",
-                    "lm_inter_dim", "lm_vocab_size", "lm_max_text_len"]
+        self.validate_lm()
+        positive = ["img_size", "cnn_grid"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
@@ -80,6 +82,28 @@ class VLMConfig:
                 f"unsupported combination lm_type={self.lm_type!r}, fusion={self.fusion!r}; "
                 f"this version supports gpt2 + prefix"
             )
+
+    def validate_lm(self) -> None:
+        """Raise UserError for lm_ values that cannot build the language decoder on its own."""
+        if self.lm_type not in LM_TYPES:
+            raise UserError(f"unknown lm_type {self.lm_type!r}; choose one of {', '.join(LM_TYPES)}")
+        if self.lm_hidden_dim % self.lm_n_heads:
+            raise UserError(
+                f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}"
+            )
+        positive = ["lm_hidden_dim", "lm_n_heads", "lm_n_blocks", "lm_inter_dim", "lm_vocab_size", "lm_max_text_len"]
+        if self.lm_type == "llama":
+            positive += ["lm_n_kv_heads", "lm_rms_eps", "lm_re_base", "lm_max_position_embeddings"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.lm_type == "llama":
+            if self.lm_n_heads % self.lm_n_kv_heads:
+                raise UserError(f"lm_n_heads={self.lm_n_heads} is not divisible by lm_n_kv_heads={self.lm_n_kv_heads}"
+                                f" (each key/value head serves a whole group of query heads)")
+            if (self.lm_hidden_dim // self.lm_n_heads) % 2:
+                raise UserError(f"head dimension lm_hidden_dim / lm_n_heads = {self.lm_hidden_dim // self.lm_n_heads} "
+                                f"must be even for RoPE, which rotates pairs of dimensions")
 
     # --- (de)serialisation -------------------------------------------------
 
