@@ -337,13 +337,21 @@ def test_smollm2_gguf_converts_to_a_cached_folder(smollm2_dir: Path) -> None:
 
 
 @needs_smollm2
-def test_smollm2_gguf_logits_match_transformers(smollm2_pair: tuple) -> None:
+def test_smollm2_gguf_logits_match_transformers(smollm2_pair: tuple, smollm2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
     ours, theirs, tok = smollm2_pair
     assert ours.param_counts()["params_unique"] == 134_515_008
     ids = torch.tensor([tok.encode(CHAT.format("Name three colours of the rainbow.")).ids])
+    # The converted folder is an ordinary HF folder: transformers reads it as it is.
+    from_folder = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
-    assert diff <= 1e-3  # both dequantise the same bytes; measured 0.0 (identical float32 ops)
+        logits = ours(ids)
+        diff = (logits - theirs(ids).logits).abs().max().item()
+        diff_folder = (logits - from_folder(ids).logits).abs().max().item()
+    # Both dequantise the same bytes, un-permute q/k the same way and run the same float32 ops:
+    # measured 0.0 for both.
+    assert diff <= 1e-3 and diff_folder <= 1e-3
 
 
 @needs_smollm2
