@@ -21,10 +21,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from picovlm import __version__
+from picovlm.chat import IMAGE_TOKEN
 from picovlm.config import VLMConfig
 from picovlm.errors import UserError, first_line
 from picovlm.io import atomic_dir, find_complete_dir
 from picovlm.models.mobilenet_v2 import FEATURE_CHANNELS
+from picovlm.models.nanovlm import NanoVLM
 from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
@@ -33,6 +35,9 @@ SEED_KEYS = ("D_MODEL", "N_HEADS", "N_LAYERS", "D_FF", "VIS_CH", "N_VIS", "VOCAB
 
 
 def config_to_json(cfg: VLMConfig) -> dict[str, Any]:
+    if cfg.family == "nanovlm":  # no published format to follow: picovlm's own config
+        return {"model_type": "nanovlm", "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                "pad_token_id": cfg.pad_token_id, "picovlm_version": __version__, "picovlm_config": cfg.to_dict()}
     return {
         "model_type": "supravl",
         "D_MODEL": cfg.lm_hidden_dim,
@@ -79,15 +84,22 @@ def config_from_json(d: Any, source: str = CONFIG) -> VLMConfig:
     })
 
 
-def model_state(model: SupraVL) -> dict[str, torch.Tensor]:
-    """State dict as saved: contiguous CPU tensors, the tied head stored once (as tok_emb)."""
+def tied_head_key(model: SupraVL | NanoVLM) -> str | None:
+    """The state-dict key of a head tied to the token embedding (stored once, as the embedding)."""
+    if not model.cfg.lm_tie_weights:
+        return None
+    return "decoder.lm_head.weight" if isinstance(model, NanoVLM) else "lm_head.weight"
+
+
+def model_state(model: SupraVL | NanoVLM) -> dict[str, torch.Tensor]:
+    """State dict as saved: contiguous CPU tensors, the tied head stored once (as the embedding)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.lm_tie_weights:
-        state.pop("lm_head.weight")
+    if tied_head_key(model):
+        state.pop(tied_head_key(model))
     return state
 
 
-def save_pretrained(model: SupraVL, out_dir: str | Path, metrics: dict[str, Any] | None = None,
+def save_pretrained(model: SupraVL | NanoVLM, out_dir: str | Path, metrics: dict[str, Any] | None = None,
                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a complete checkpoint folder atomically (a crash leaves the previous one intact)."""
     if model.tokenizer is None:
@@ -96,8 +108,9 @@ def save_pretrained(model: SupraVL, out_dir: str | Path, metrics: dict[str, Any]
     with atomic_dir(out_dir) as tmp:
         save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config_to_json(model.cfg), indent=2) + "\n")
-        model.tokenizer.save(tmp / TOKENIZER)
-        (tmp / CARD).write_text(model_card(model, metrics or {}))
+        model.tokenizer.save(str(tmp / TOKENIZER))  # beside the weights, always
+        card = nanovlm_card(model, metrics or {}) if isinstance(model, NanoVLM) else model_card(model, metrics or {})
+        (tmp / CARD).write_text(card)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return out_dir
@@ -123,7 +136,7 @@ def resolve_model_dir(dir_or_repo: str | Path) -> Path:
                         f"check the repo id and your connection, or pass a local folder") from None
 
 
-def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu") -> SupraVL:
+def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu") -> SupraVL | NanoVLM:
     """Load a checkpoint folder or Hub repo; the tokenizer is attached as `model.tokenizer`.
 
     The weights file holds every tensor, a frozen pretrained backbone's included, so loading
@@ -139,6 +152,8 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path / CONFIG} is not valid JSON ({e}); restore it from the saved checkpoint") from None
     cfg = config_from_json(config_json, str(path / CONFIG))
+    if cfg.family == "nanovlm":
+        return _nanovlm_from_folder(cfg, path).to(device).eval()
     model = SupraVL(cfg)
     load_weights(model, path / WEIGHTS)
     tokenizer = CaptionTokenizer.from_file(path / TOKENIZER)
@@ -149,7 +164,23 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu")
     return model.to(device).eval()
 
 
-def load_weights(model: SupraVL, weights_path: Path) -> None:
+def _nanovlm_from_folder(cfg: VLMConfig, path: Path) -> NanoVLM:
+    from tokenizers import Tokenizer
+
+    model = NanoVLM(cfg)
+    load_weights(model, path / WEIGHTS)
+    try:
+        tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+        raise UserError(f"cannot read tokenizer {path / TOKENIZER}: {first_line(e)}") from None
+    if tokenizer.token_to_id(IMAGE_TOKEN) != model.image_token_id:
+        raise UserError(f"{path / TOKENIZER}: {IMAGE_TOKEN} must have id {model.image_token_id} (lm_vocab_size); "
+                        f"the folder mixes files of different models")
+    model.tokenizer = tokenizer
+    return model
+
+
+def load_weights(model: SupraVL | NanoVLM, weights_path: Path) -> None:
     """Load safetensors weights with exact key and shape checks (one-line errors)."""
     try:
         state = load_file(str(weights_path))
@@ -157,7 +188,7 @@ def load_weights(model: SupraVL, weights_path: Path) -> None:
         raise UserError(f"cannot read weights {weights_path}: {e}; the file is damaged or not "
                         f"safetensors (picovlm never loads pickled weights)") from None
     expected = model.state_dict()
-    optional = {"lm_head.weight"} if model.cfg.lm_tie_weights else set()
+    optional = {tied_head_key(model)} if tied_head_key(model) else set()
     missing = sorted(set(expected) - set(state) - optional)
     # The published model keeps its causal-mask buffers in the state dict; they are derived.
     unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("attn.mask"))
@@ -170,8 +201,9 @@ def load_weights(model: SupraVL, weights_path: Path) -> None:
     if wrong:
         raise UserError(f"{weights_path}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    if model.cfg.lm_tie_weights:
-        model.lm_head.weight = model.tok_emb.weight
+    if model.cfg.lm_tie_weights:  # the saved embedding is the head too
+        head_owner = model.decoder if isinstance(model, NanoVLM) else model
+        head_owner.lm_head.weight = head_owner.tok_emb.weight
 
 
 def vision_summary(cfg: VLMConfig) -> str:
@@ -220,6 +252,39 @@ Unique parameters: {counts['params_unique']:,} ({counts['trainable']:,} trained,
 Counting the tied lm_head a second time: {counts['params_with_tied_head']:,}.
 
 ## Training data and metrics
+
+| metric | value |
+| --- | --- |
+{metric_rows}
+"""
+
+
+def nanovlm_card(model: NanoVLM, metrics: dict[str, Any]) -> str:
+    cfg, counts = model.cfg, model.param_counts()
+    metric_rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items()) or "| (none recorded) | |"
+    return f"""---
+license: apache-2.0
+library_name: picovlm
+tags: [image-text-to-text, vision-language-model, picovlm]
+---
+
+# picovlm NanoVLM model
+
+A vision-language model built with picovlm: a SigLIP-style ViT, a pixel-shuffle projector and a
+Llama-style decoder, the image embeddings taking the places of {IMAGE_TOKEN} tokens in the text.
+Load it with `picovlm.load("<this folder or repo id>")`; `tokenizer.json` holds the chat template's
+tokens and {IMAGE_TOKEN} (id {model.image_token_id}).
+
+| part | setting | parameters |
+| --- | --- | --- |
+| vision encoder | ViT {cfg.vit_n_blocks} blocks, d={cfg.vit_hidden_dim}, {cfg.vit_n_heads} heads, patch \
+{cfg.vit_patch_size}, {cfg.vit_img_size}px | {counts['vit_params']:,} |
+| projector | pixel shuffle {cfg.mp_pixel_shuffle_factor} + Linear, {model.tokens_per_image} tokens per image \
+| {counts['mp_params']:,} |
+| decoder | Llama-style, {cfg.lm_n_blocks} blocks, d={cfg.lm_hidden_dim}, {cfg.lm_n_heads} heads \
+({cfg.lm_n_kv_heads} KV), vocabulary {cfg.lm_vocab_size} | {counts['lm_params']:,} |
+
+Unique parameters: {counts['params_unique']:,} (the head tied to the embedding counted once).
 
 | metric | value |
 | --- | --- |

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,32 @@ def test_generation_stops_at_eos_per_row() -> None:
     assert second[0] == first[0][:first[0].index(stop)]
     expected_1 = first[1][:first[1].index(stop)] if stop in first[1] else first[1]
     assert second[1][:len(expected_1)] == expected_1 and stop not in second[1]
+
+
+def test_checkpoint_round_trip_keeps_the_tokenizer(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    import picovlm
+    from picovlm.chat import IMAGE_TOKEN, add_image_token
+    from picovlm.errors import UserError
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=50, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:40], show_progress=False)
+    tok.train_from_iterator(["red blue"] * 5, trainer)
+    torch.manual_seed(0)
+    model = NanoVLM(tiny_nanovlm(lm_vocab_size=tok.get_vocab_size()))
+    assert add_image_token(tok) == model.image_token_id
+    model.tokenizer = tok
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = picovlm.load(str(tmp_path / "ckpt"))
+    assert isinstance(loaded, NanoVLM) and loaded.tokenizer.token_to_id(IMAGE_TOKEN) == model.image_token_id
+    assert loaded.decoder.lm_head.weight is loaded.decoder.tok_emb.weight
+    ids, mask, images = _batch(model)
+    assert torch.equal(model.eval()(ids, images, mask)[0], loaded(ids, images, mask)[0])
+    assert "decoder.lm_head.weight" not in load_file(str(tmp_path / "ckpt" / "model.safetensors"))  # stored once
+    Tokenizer(models.BPE()).save(str(tmp_path / "ckpt" / "tokenizer.json"))  # another model's tokenizer
+    with pytest.raises(UserError, match="must have id"):
+        picovlm.load(str(tmp_path / "ckpt"))

@@ -113,6 +113,12 @@ class NanoVLM(nn.Module):
 
     # --- conveniences -------------------------------------------------------
 
+    def save_pretrained(self, out_dir: Any, metrics: dict[str, Any] | None = None) -> Any:
+        """Write model.safetensors + config.json + tokenizer.json + README.md (see picovlm.checkpoint)."""
+        from picovlm.checkpoint import save_pretrained
+
+        return save_pretrained(self, out_dir, metrics)
+
     def param_counts(self) -> dict[str, Any]:
         """Parameters of the vision encoder, the projector and the language model (tied head once)."""
         def count(module: nn.Module) -> int:
