@@ -158,6 +158,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     seed: int = 1337
     augment: bool = False
+    # With a frozen backbone and no augmentation, train on its features cached once per image
+    # (picovlm.data.features) instead of running it on every batch: same model, same loss.
+    feature_cache: bool = True
     num_workers: int = 0
     log_every: int = 10
     save_every: int | None = None  # also save last/ every N steps (default: at the end of each epoch)

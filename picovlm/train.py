@@ -35,6 +35,7 @@ from tqdm import tqdm
 from picovlm.checkpoint import WEIGHTS, from_pretrained, save_pretrained
 from picovlm.config import TrainConfig, VLMConfig
 from picovlm.data.batches import AUGMENT_DRAWS, Batch, CaptionBatches, augment
+from picovlm.data.features import cached_features
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, default_cache_dir, normalize
 from picovlm.data.shapes import ensure_shapes_dataset
@@ -50,6 +51,7 @@ from picovlm.distributed import (
 )
 from picovlm.errors import UserError
 from picovlm.io import find_complete_dir
+from picovlm.models.mobilenet_v2 import MobileNetV2Encoder
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
@@ -245,8 +247,11 @@ class Data:
 
 
 def prepare_data(data_dir: Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
-                 dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu") -> Data:
-    """Splits, tokenizer (trained on the train captions unless given) and in-memory batches."""
+                 dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu",
+                 frozen_encoder: torch.nn.Module | None = None) -> Data:
+    """Splits, tokenizer (trained on the train captions unless given) and in-memory batches.
+
+    With a frozen_encoder (see uses_feature_cache), batches carry its cached backbone features."""
     with main_process_first(dist_info):  # one process generates/caches, the others then read
         data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
@@ -260,13 +265,28 @@ def prepare_data(data_dir: Path | None, cfg: VLMConfig, tokenizer: CaptionTokeni
             trained = CaptionTokenizer.train((c for caps in train_set.captions for c in caps), cfg.lm_vocab_size)
         text = broadcast_bytes(trained.to_json().encode() if trained else None, dist_info, device)
         tokenizer = trained or CaptionTokenizer.from_json(text.decode())
-    return Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
+    data = Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
                 data_dir)
+    if frozen_encoder is not None:
+        with main_process_first(dist_info):
+            for split, batches in ((train_set, data.train), (dev_set, data.dev)):
+                batches.use_features(cached_features(frozen_encoder, batches.images.numpy(), split.image_dir,
+                                                     split.names, cfg, device=device))
+    return data
+
+
+def uses_feature_cache(model: SupraVL, tc: TrainConfig) -> bool:
+    """A frozen backbone sees the same pixels every epoch unless they are augmented: then its
+    features are computed once per image (picovlm.data.features) and training runs only the rest."""
+    return isinstance(model.vis_enc, MobileNetV2Encoder) and not tc.augment and tc.feature_cache
 
 
 def to_device(batch: Batch, cfg: VLMConfig, device: str,
               aug_draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 images -> normalised floats (augmented if aug_draws are given), all on the device."""
+    """uint8 images -> normalised floats (augmented if aug_draws are given), all on the device.
+    Cached backbone features (batch.is_features) only become float32."""
+    if batch.is_features:
+        return batch.images.to(device).float(), batch.input_ids.to(device), batch.targets.to(device)
     transform = (lambda x: augment(x, batch.flippable, aug_draws)) if aug_draws is not None else None
     images = normalize(batch.images, cfg.img_mean, cfg.img_std, transform)
     images = images.to(device).contiguous(memory_format=torch.channels_last)  # see to_channels_last
@@ -400,7 +420,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         model.load_pretrained_vision()
         model = model.to(device)
     # A new model has no tokenizer yet: it is trained here.
-    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device)
+    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device,
+                        model.vis_enc if uses_feature_cache(model, tc) else None)
     data_path = data.path
     model.tokenizer = data.tokenizer
     to_channels_last(model).train()
