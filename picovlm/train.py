@@ -169,7 +169,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     images, input_ids, targets = batch
     with out_of_memory_advice(tc.batch_size):
         with autocast_context(precision, device):
-            _, loss = model(images, input_ids, targets, loss_only=True)
+            _, loss = model(images, input_ids, targets, loss_only=True, label_smoothing=tc.label_smoothing)
         if not torch.isfinite(loss):
             raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
                             f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
