@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from picovlm.config import PRESETS, TrainConfig, get_preset, parse_overrides
+from picovlm.config import PRESETS, TrainConfig, get_preset, parse_overrides, preset_train_config
 from picovlm.errors import UserError
 from picovlm.generate import STRATEGIES
 
@@ -64,20 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="dataset folder (Flickr8k layout), a folder of WebDataset .tar "
                    "shards, or hf:NAME (streamed with `datasets`); default: built-in shapes")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics, plots")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    # Train settings default to None, "not given": the preset's recipe (PRESET_TRAIN) then
+    # TrainConfig's defaults fill them in; see preset_train_config.
+    p.add_argument("--epochs", type=int, default=None, help=f"default: the preset's, else {TrainConfig.epochs}")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--min-lr", type=float, default=TrainConfig.min_lr)
-    p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--augment", action="store_true", help="random resized crop, colour jitter, safe flips")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default: {TrainConfig.batch_size}")
+    p.add_argument("--lr", type=float, default=None, help=f"default: the preset's, else {TrainConfig.lr}")
+    p.add_argument("--min-lr", type=float, default=None, help=f"default: {TrainConfig.min_lr}")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"default: {TrainConfig.warmup_steps}")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default: the preset's, else 0")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
+    p.add_argument("--seed", type=int, default=None, help=f"default: {TrainConfig.seed}")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random resized crop, colour jitter, safe flips (default: the preset's, else off)")
     p.add_argument("--save-every", type=int, default=None, help="also save last/ every N steps")
-    p.add_argument("--log-every", type=int, default=TrainConfig.log_every, help="metrics.jsonl line every N steps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (a cold compile first)")
-    p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,
-                   help="DataLoader worker processes decoding a streamed source (0: in this process)")
+    p.add_argument("--log-every", type=int, default=None, help="metrics.jsonl line every N steps")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (a cold compile "
+                   "first)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes decoding a streamed source (default 0: in this process)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
@@ -156,10 +161,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from picovlm.train import train
 
     cfg = get_preset(args.preset).with_overrides(parse_overrides(args.set))
-    tc = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                     min_lr=args.min_lr, warmup_steps=args.warmup_steps, precision=args.precision,
-                     seed=args.seed, augment=args.augment, save_every=args.save_every,
-                     log_every=args.log_every, num_workers=args.num_workers, compile=args.compile)
+    tc = preset_train_config(args.preset, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                             lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                             label_smoothing=args.label_smoothing, precision=args.precision, seed=args.seed,
+                             augment=args.augment, save_every=args.save_every, log_every=args.log_every,
+                             num_workers=args.num_workers, compile=args.compile)
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary

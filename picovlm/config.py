@@ -8,7 +8,9 @@ language decoder, no prefix for the image itself and for how the two are fused.
 `TrainConfig` holds everything about optimisation that is not part of the model.
 
 Presets are plain functions of nothing that return a config, so `picovlm info NAME` and
-`picovlm train --preset NAME` always describe the same thing.
+`picovlm train --preset NAME` always describe the same thing. A preset whose recipe also needs
+training settings (more epochs, another learning rate, label smoothing) lists them in
+`PRESET_TRAIN`; `preset_train_config` starts from those and applies what the user gave.
 """
 
 from __future__ import annotations
@@ -234,6 +236,10 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     seed: int = 1337
     augment: bool = False
+    label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
+    # With a frozen backbone and no augmentation, train on its features cached once per image
+    # (picovlm.data.features) instead of running it on every batch: same model, same loss.
+    feature_cache: bool = True
     compile: bool = False  # torch.compile the model for training (costs a cold compile at the start)
     num_workers: int = 0  # DataLoader workers for a streamed source (in-memory data needs none)
     log_every: int = 10
@@ -279,7 +285,19 @@ PRESETS = {
 }
 
 
+# Training settings that are part of a preset's recipe (measured in docs/ablations.md); anything
+# not listed is TrainConfig's default. Keys are TrainConfig fields.
+PRESET_TRAIN: dict[str, dict[str, Any]] = {}
+
+
 def get_preset(name: str) -> VLMConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; available presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+
+
+def preset_train_config(name: str, **overrides: Any) -> TrainConfig:
+    """TrainConfig for preset `name`: its PRESET_TRAIN settings, then `overrides` (None = not given)."""
+    get_preset(name)  # unknown names fail here, with the list
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig(**{**PRESET_TRAIN.get(name, {}), **given})

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from picovlm.checkpoint import WEIGHTS, from_pretrained, save_pretrained
 from picovlm.config import TrainConfig, VLMConfig
 from picovlm.data.batches import AUGMENT_DRAWS, Batch, CaptionBatches, augment
+from picovlm.data.features import cached_features
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, default_cache_dir, normalize
 from picovlm.data.shapes import ensure_shapes_dataset
@@ -51,6 +52,7 @@ from picovlm.distributed import (
 )
 from picovlm.errors import UserError
 from picovlm.io import find_complete_dir
+from picovlm.models.mobilenet_v2 import MobileNetV2Encoder
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
@@ -169,7 +171,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
     images, input_ids, targets = batch
     with out_of_memory_advice(tc.batch_size):
         with autocast_context(precision, device):
-            _, loss = model(images, input_ids, targets, loss_only=True)
+            _, loss = model(images, input_ids, targets, loss_only=True, label_smoothing=tc.label_smoothing)
         if not torch.isfinite(loss):
             raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
                             f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
@@ -245,12 +247,15 @@ class Data:
 
 
 def prepare_data(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
-                 dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu", num_workers: int = 0) -> Data:
+                 dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu", num_workers: int = 0,
+                 frozen_encoder: torch.nn.Module | None = None) -> Data:
     """Splits, tokenizer (trained on the train captions unless given) and batches: in memory for a
-    Flickr8k-layout folder (default: the built-in shapes set), streamed for shards or hf:NAME."""
+    Flickr8k-layout folder (default: the built-in shapes set), streamed for shards or hf:NAME.
+
+    With a frozen_encoder (see uses_feature_cache), in-memory batches carry its cached backbone features."""
     if is_stream(data_dir):
         return _prepare_stream(str(data_dir), cfg, tokenizer, dist_info, device, num_workers)
-    return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device)
+    return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device, frozen_encoder)
 
 
 def _shared_tokenizer(captions: Callable[[], Iterable[str]], cfg: VLMConfig, dist_info: DistInfo,
@@ -274,7 +279,7 @@ def _prepare_stream(source: str, cfg: VLMConfig, tokenizer: CaptionTokenizer | N
 
 
 def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
-                       dist_info: DistInfo, device: str) -> Data:
+                       dist_info: DistInfo, device: str, frozen_encoder: torch.nn.Module | None) -> Data:
     with main_process_first(dist_info):  # one process generates/caches, the others then read
         data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
@@ -284,8 +289,20 @@ def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: C
     if tokenizer is None:
         tokenizer = _shared_tokenizer(lambda: (c for caps in train_set.captions for c in caps), cfg, dist_info,
                                       device)
-    return Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
+    data = Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
                 str(data_dir))
+    if frozen_encoder is not None:
+        with main_process_first(dist_info):
+            for split, batches in ((train_set, data.train), (dev_set, data.dev)):
+                batches.use_features(cached_features(frozen_encoder, batches.images.numpy(), split.image_dir,
+                                                     split.names, cfg, device=device))
+    return data
+
+
+def uses_feature_cache(model: SupraVL, tc: TrainConfig) -> bool:
+    """A frozen backbone sees the same pixels every epoch unless they are augmented: then its
+    features are computed once per image (picovlm.data.features) and training runs only the rest."""
+    return isinstance(model.vis_enc, MobileNetV2Encoder) and not tc.augment and tc.feature_cache
 
 
 def process_batches(data: CaptionBatches | StreamBatches, batch_size: int, seed: int | None, start_batch: int,
@@ -300,7 +317,10 @@ def process_batches(data: CaptionBatches | StreamBatches, batch_size: int, seed:
 
 def to_device(batch: Batch, cfg: VLMConfig, device: str,
               aug_draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 images -> normalised floats (augmented if aug_draws are given), all on the device."""
+    """uint8 images -> normalised floats (augmented if aug_draws are given), all on the device.
+    Cached backbone features (batch.is_features) only become float32."""
+    if batch.is_features:
+        return batch.images.to(device).float(), batch.input_ids.to(device), batch.targets.to(device)
     transform = (lambda x: augment(x, batch.flippable, aug_draws)) if aug_draws is not None else None
     images = normalize(batch.images, cfg.img_mean, cfg.img_std, transform)
     images = images.to(device).contiguous(memory_format=torch.channels_last)  # see to_channels_last
@@ -431,7 +451,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         model.load_pretrained_vision()
         model = model.to(device)
     # A new model has no tokenizer yet: it is trained here.
-    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers)
+    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers,
+                        model.vis_enc if uses_feature_cache(model, tc) else None)
     data_path = data.path
     model.tokenizer = data.tokenizer
     to_channels_last(model).train()

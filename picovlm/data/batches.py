@@ -6,6 +6,10 @@ Everything an epoch needs sits in memory as two arrays, so a batch is two gather
     tokens   (N_pairs, L + 1) int64         [<bos>, caption..., <eos>, <pad>...], L = lm_max_text_len
     image_of (N_pairs,)                     which image each caption describes
 
+With a frozen pretrained backbone and no augmentation, `use_features` swaps the pixels for the
+backbone's cached features, (N_images, grid*grid, C) float16 (picovlm.data.features), and
+batches carry those instead (`Batch.is_features`).
+
 One epoch visits every (image, caption) pair once, in an order drawn from a generator
 seeded with (seed, epoch), so a resumed run sees exactly the batches it would have seen.
 A batch is trimmed to its longest caption, and normalised to float on the device.
@@ -37,10 +41,12 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) int64
     targets: torch.Tensor  # (B, T) int64, IGNORE_INDEX on padding
     flippable: torch.Tensor  # (B,) bool: the caption says nothing about left or right
+    is_features: bool = False  # images holds (B, grid*grid, C) float16 backbone features instead
 
     def rows(self, rows: slice) -> Batch:
         """Some rows of the batch (one process's share); the padded length stays the batch's."""
-        return Batch(self.images[rows], self.input_ids[rows], self.targets[rows], self.flippable[rows])
+        return Batch(self.images[rows], self.input_ids[rows], self.targets[rows], self.flippable[rows],
+                     self.is_features)
 
 
 class CaptionBatches:
@@ -74,6 +80,14 @@ class CaptionBatches:
         self.flippable = torch.tensor(flippable)
         self.ok = torch.from_numpy(ok)
         self.n_truncated = truncated
+        self.is_features = False
+
+    def use_features(self, features: np.ndarray) -> None:
+        """Serve (N_images, P, C) cached backbone features in place of the pixels from now on."""
+        if len(features) != len(self.images):
+            raise ValueError(f"{len(features)} feature rows for {len(self.images)} images")
+        self.images = torch.from_numpy(np.array(features))  # copied into RAM, like the pixels
+        self.is_features = True
 
     def __len__(self) -> int:
         """Number of (image, caption) pairs."""
@@ -94,7 +108,8 @@ class CaptionBatches:
     def batch(self, pair_idx: torch.Tensor) -> Batch:
         t = int(self.lengths[pair_idx].max())
         input_ids, targets = shift_targets(self.tokens[pair_idx, :t])
-        return Batch(self.images[self.image_of[pair_idx]], input_ids, targets, self.flippable[pair_idx])
+        return Batch(self.images[self.image_of[pair_idx]], input_ids, targets, self.flippable[pair_idx],
+                     self.is_features)
 
     def describe(self) -> str:
         return f"{len(self)} captions"

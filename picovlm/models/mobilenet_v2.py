@@ -16,6 +16,9 @@ trains a projector on top. With the `pico-mobilenet` preset (img_size 224, grid 
     flatten + transpose                 (B, 49, 1280)      one token per grid cell, row-major
     proj ("mlp"): LN-Linear-GELU-Linear (B, 49, 128)       trainable; "linear": one Linear
 
+`backbone_features` is everything up to the flatten (frozen), `project` the rest; `forward` also
+accepts the (B, 49, 1280) features themselves, as cached by picovlm.data.features.
+
 One inverted residual block (expansion t, input c_in, output c_out, stride s):
 
     Conv1x1 c_in -> t*c_in, BN, ReLU6          expand   (left out when t = 1)
@@ -122,13 +125,28 @@ class MobileNetV2Encoder(nn.Module):
         self.features.eval()
         return self
 
+    @torch.no_grad()  # frozen: keep no activations for a backward pass
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) ImageNet-normalised images -> (B, grid*grid, 1280) frozen grid features.
+
+        They depend on nothing trainable, so training without augmentation computes them once per
+        image and caches them (picovlm.data.features)."""
+        x = self.features(images)  # (B, 1280, H/32, W/32)
+        x = self.pool(x)  # (B, 1280, grid, grid)
+        return x.flatten(2).transpose(1, 2)  # (B, grid*grid, 1280)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, grid*grid, 1280) backbone features -> (B, grid*grid, D) visual tokens (trainable)."""
+        return self.proj(features)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) ImageNet-normalised images -> (B, grid*grid, lm_hidden_dim) visual tokens."""
-        with torch.no_grad():  # frozen: keep no activations for a backward pass
-            x = self.features(images)  # (B, 1280, H/32, W/32)
-            x = self.pool(x)  # (B, 1280, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, 1280)
-        return self.proj(x)  # (B, grid*grid, D)
+        """(B, 3, H, W) ImageNet-normalised images -> (B, grid*grid, lm_hidden_dim) visual tokens.
+
+        A 3-D input (B, grid*grid, 1280) is taken as cached backbone features and only projected:
+        training from the feature cache goes through the same model call as from pixels."""
+        if images.dim() == 3:
+            return self.project(images)
+        return self.project(self.backbone_features(images))
 
     def load_imagenet_weights(self, spec: str = "auto") -> None:
         """Overwrite the backbone with torchvision's ImageNet weights (`spec` as cfg.vision_weights).

@@ -116,11 +116,14 @@ class SupraVL(nn.Module):
         return self.ln_f(x[:, -n_text:])  # (B, T, D)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                loss_only: bool = False, label_smoothing: float = 0.0,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Training/eval pass. images (B, 3, H, W), input_ids and targets (B, T).
 
         Returns logits (B, T, V) and the mean cross-entropy over targets != IGNORE_INDEX.
         loss_only (training): the head runs only where a target exists, logits are None.
+        label_smoothing: the target distribution puts 1 - eps on the target, eps spread uniformly
+        over the vocabulary (Szegedy et al. 2016); training only.
         """
         h = self.hidden_states(input_ids, self.encode_images(images))  # (B, T, D)
         if loss_only:
@@ -128,11 +131,12 @@ class SupraVL(nn.Module):
             # skip it there. (N, D) -> (N, V) for the N real targets.
             keep = targets != IGNORE_INDEX
             logits = self.lm_head(h[keep])
-            return None, F.cross_entropy(logits.float(), targets[keep])
+            return None, F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   label_smoothing=label_smoothing)
         return logits, loss
 
     def next_token_logits(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,

@@ -1,0 +1,126 @@
+"""The frozen-backbone feature cache: it equals running the backbone, training from it gives the
+pixel path's loss, and it is rebuilt when the images or the backbone's weights change."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import picovlm.data.features as features_mod
+from picovlm.config import TrainConfig
+from picovlm.data.features import backbone_hash, cached_features
+from picovlm.data.flickr8k import load_split
+from picovlm.data.images import cached_images, normalize
+from picovlm.models.mobilenet_v2 import MobileNetV2
+from picovlm.models.supravl import SupraVL
+from picovlm.train import evaluate_loss, prepare_data, to_device, train, uses_feature_cache
+from tests.conftest import tiny_config
+
+
+def tiny_mobilenet(**overrides: object) -> SupraVL:
+    cfg = tiny_config(vision_type="mobilenet_v2", img_size=64, cnn_grid=2, vision_weights="none", **overrides)
+    torch.manual_seed(0)
+    model = SupraVL(cfg)
+    # A random backbone with BatchNorm's initial statistics shrinks activations ~1e9-fold, to
+    # features that are all 0 in float16; statistics of one random batch keep them at unit scale.
+    bns = [m for m in model.vis_enc.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = 1.0
+    with torch.no_grad():
+        model.vis_enc.features.train()(torch.randn(8, 3, 64, 64))
+    model.vis_enc.train()  # the backbone back in eval mode
+    for bn in bns:
+        bn.momentum = 0.1
+    return model
+
+
+def test_cached_features_equal_running_the_backbone(tmp_path: Path, shapes_dir: Path) -> None:
+    model = tiny_mobilenet()
+    split = load_split(shapes_dir, "dev")
+    images, _ = cached_images(split.image_dir, split.names, 64)
+    feats = cached_features(model.vis_enc, images, split.image_dir, split.names, model.cfg, tmp_path)
+    assert feats.shape == (len(split.names), 4, 1280) and feats.dtype == np.float16
+    assert np.abs(np.array(feats, dtype=np.float32)).mean() > 0.1  # not trivially zero
+    with torch.no_grad():
+        direct = model.vis_enc.backbone_features(normalize(torch.from_numpy(np.array(images[:8])),
+                                                           model.cfg.img_mean, model.cfg.img_std))
+        torch.testing.assert_close(torch.from_numpy(np.array(feats[:8])).float(), direct, rtol=2e-3, atol=2e-3)
+        # The model accepts the features in place of the pixels and gives the same visual tokens.
+        tokens = model.vis_enc(torch.from_numpy(np.array(feats[:8])).float())
+        torch.testing.assert_close(tokens, model.vis_enc(normalize(torch.from_numpy(np.array(images[:8])),
+                                                                   model.cfg.img_mean, model.cfg.img_std)),
+                                   rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batches_from_the_cache_give_the_pixel_paths_loss(shapes_dir: Path, precision: str) -> None:
+    model = tiny_mobilenet(vision_proj="mlp")
+    pixels = prepare_data(shapes_dir, model.cfg, None)
+    cached = prepare_data(shapes_dir, model.cfg, pixels.tokenizer, frozen_encoder=model.vis_enc)
+    assert cached.train.is_features and cached.dev.is_features and not pixels.train.is_features
+    tc = TrainConfig(batch_size=16, eval_max_batches=3)
+    a = evaluate_loss(model, pixels.dev, tc, "cpu", precision)
+    b = evaluate_loss(model, cached.dev, tc, "cpu", precision)
+    assert a == pytest.approx(b, rel=1e-3 if precision == "fp32" else 1e-2)
+    batch = next(cached.train.epoch(4, seed=0))
+    images, input_ids, _ = to_device(batch, model.cfg, "cpu")
+    assert images.shape == (4, 4, 1280) and images.dtype == torch.float32
+    assert torch.equal(input_ids, next(pixels.train.epoch(4, seed=0)).input_ids)
+
+
+def test_cache_is_rebuilt_when_images_or_weights_change(tmp_path: Path, shapes_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_mobilenet()
+    split = load_split(shapes_dir, "dev")
+    images, _ = cached_images(split.image_dir, split.names, 64)
+    computed = []
+    real_compute = features_mod._compute
+    monkeypatch.setattr(features_mod, "_compute", lambda *a, **k: computed.append(1) or real_compute(*a, **k))
+
+    def run() -> np.ndarray:
+        return cached_features(model.vis_enc, images, split.image_dir, split.names, model.cfg, tmp_path)
+
+    first = np.array(run())
+    run()
+    assert len(computed) == 1  # the second call read the file
+    path = split.image_dir / split.names[0]
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the image "changed"
+    run()
+    assert len(computed) == 2
+    meta = json.loads(next(tmp_path.glob("features-*.json")).read_text())
+    assert meta["backbone_sha1"] == backbone_hash(model.vis_enc.features)
+    with torch.no_grad():
+        model.vis_enc.features[0][0].weight.mul_(2)  # other backbone weights: another cache file
+    second = np.array(run())
+    assert len(computed) == 3 and len(list(tmp_path.glob("features-*.npy"))) == 2
+    assert not np.array_equal(first, second)
+
+
+def test_training_uses_the_cache_only_without_augmentation(tmp_path: Path, shapes_dir: Path) -> None:
+    model = tiny_mobilenet()
+    assert uses_feature_cache(model, TrainConfig())
+    assert not uses_feature_cache(model, TrainConfig(augment=True))
+    assert not uses_feature_cache(model, TrainConfig(feature_cache=False))
+    assert not uses_feature_cache(SupraVL(tiny_config()), TrainConfig())
+    # Two fp32 steps from the cache and from pixels end at the same losses, with a backbone whose
+    # features are not all zero (saved as a torchvision-layout weights file for train() to load).
+    full = MobileNetV2()
+    full.features.load_state_dict(model.vis_enc.features.state_dict())
+    torch.save(full.state_dict(), tmp_path / "backbone.pth")
+    cfg = dataclasses.replace(model.cfg, vision_weights=str(tmp_path / "backbone.pth"))
+    tc = TrainConfig(epochs=1, max_steps=2, batch_size=8, warmup_steps=1, log_every=1, eval_max_batches=2,
+                     precision="fp32")
+    a = train(cfg, tc, tmp_path / "cached", data_dir=shapes_dir, progress_bar=False)
+    b = train(cfg, dataclasses.replace(tc, feature_cache=False), tmp_path / "pixels", data_dir=shapes_dir,
+              progress_bar=False)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], rel=1e-3)
+    cache = Path(os.environ["PICOVLM_CACHE"])
+    assert list(cache.glob("features-*.npy"))

@@ -1,0 +1,80 @@
+"""Recipes: presets that carry training settings (PRESET_TRAIN), used by `picovlm train` unless the
+user overrides them, and label smoothing in the training loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import picovlm.config as config_mod
+from picovlm.cli import main
+from picovlm.config import PRESET_TRAIN, PRESETS, TrainConfig, preset_train_config
+from picovlm.errors import UserError
+from picovlm.models.supravl import IGNORE_INDEX, SupraVL
+from picovlm.train import train_step
+from tests.conftest import tiny_config
+
+
+def test_preset_train_settings_apply_unless_overridden(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(PRESET_TRAIN, "supravl-nano", {"epochs": 7, "label_smoothing": 0.1})
+    tc = preset_train_config("supravl-nano")
+    assert (tc.epochs, tc.label_smoothing, tc.lr) == (7, 0.1, TrainConfig.lr)
+    tc = preset_train_config("supravl-nano", epochs=3, lr=None)  # None: not given
+    assert (tc.epochs, tc.label_smoothing, tc.lr) == (3, 0.1, TrainConfig.lr)
+    with pytest.raises(UserError, match="unknown preset"):
+        preset_train_config("supravl-giant")
+
+
+def test_every_preset_recipe_names_real_train_fields() -> None:
+    for name, settings in PRESET_TRAIN.items():
+        assert name in PRESETS
+        preset_train_config(name)  # TrainConfig(**settings) accepts them
+        assert set(settings) <= set(TrainConfig().to_dict())
+
+
+def test_train_cli_uses_the_preset_recipe(tmp_path: Path, shapes_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(config_mod.PRESETS, "tiny-test", lambda: tiny_config())
+    monkeypatch.setitem(PRESET_TRAIN, "tiny-test", {"epochs": 1, "batch_size": 16, "label_smoothing": 0.2,
+                                                    "lr": 1e-3})
+    args = ["train", "--preset", "tiny-test", "--data", str(shapes_dir), "--no-progress", "--max-steps", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    train = json.loads((tmp_path / "a" / "train_config.json").read_text())["train"]
+    assert (train["epochs"], train["batch_size"], train["label_smoothing"], train["lr"]) == (1, 16, 0.2, 1e-3)
+    assert main([*args, "--out", str(tmp_path / "b"), "--label-smoothing", "0", "--lr", "2e-3"]) == 0
+    train = json.loads((tmp_path / "b" / "train_config.json").read_text())["train"]
+    assert (train["label_smoothing"], train["lr"], train["batch_size"]) == (0.0, 2e-3, 16)
+
+
+def test_label_smoothing_changes_the_training_loss_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = SupraVL(tiny_config()).eval()
+    images, ids = torch.randn(3, 3, 32, 32), torch.randint(3, 300, (3, 7))
+    targets = torch.randint(3, 300, (3, 7))
+    targets[0, 5:] = IGNORE_INDEX
+    logits, plain = model(images, ids, targets)
+    _, smoothed = model(images, ids, targets, loss_only=True, label_smoothing=0.1)
+    keep = targets != IGNORE_INDEX
+    logp = F.log_softmax(logits[keep].float(), dim=-1)
+    nll = -logp.gather(1, targets[keep][:, None]).squeeze(1)
+    expected = (0.9 * nll - 0.1 * logp.mean(dim=-1)).mean()  # 1 - eps on the target, eps uniform
+    torch.testing.assert_close(smoothed, expected)
+    assert smoothed > plain  # a uniform share of the mass costs extra on a confident target
+
+    # train_step passes TrainConfig.label_smoothing to the loss.
+    seen = []
+    real_forward = SupraVL.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("label_smoothing"))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SupraVL, "forward", spy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(model.train(), optimizer, None, (images, ids, targets), TrainConfig(label_smoothing=0.1),
+               "fp32", "cpu", 0)
+    assert seen == [0.1]
