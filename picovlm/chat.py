@@ -14,6 +14,7 @@ trained to predict the user's text or the image placeholders.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,21 @@ def image_token_id(tokenizer: Tokenizer) -> int:
     return token_id
 
 
+def train_chat_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE over the texts, with ChatML's tokens (<|endoftext|> 0 = padding, <|im_start|> 1,
+    <|im_end|> 2, as in SmolLM2) and the image token last, for a language model trained from scratch."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", IM_START, IM_END],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    add_image_token(tokenizer)
+    return tokenizer
+
+
 def add_image_token(tokenizer: Tokenizer) -> int:
     """Add the image placeholder as a special token (a no-op if present); returns its id. The
     language model's embedding table must then have a row for it."""
@@ -75,7 +91,16 @@ class ChatBatch:
     input_ids: torch.Tensor  # (B, T) right-padded with pad_id
     labels: torch.Tensor  # (B, T) IGNORE_INDEX on padding and on everything but answers
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens, 0 on padding
-    images: list[torch.Tensor]  # per sample (n_i, 3, H, W); n_i may differ, and be 0
+    images: list[torch.Tensor]  # per sample (n_i, S, S, 3) uint8 (or (n_i, 3, S, S) floats); n_i may be 0
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(B, T - 1): what each position is trained to predict (labels shifted by one)."""
+        return self.labels[:, 1:]
+
+    def rows(self, rows: slice) -> ChatBatch:
+        """Some samples of the batch (one process's share); the padded length stays the batch's."""
+        return ChatBatch(self.input_ids[rows], self.labels[rows], self.attention_mask[rows], self.images[rows])
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> ChatBatch:

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=None, help=f"default: {TrainConfig.min_lr}")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"default: {TrainConfig.warmup_steps}")
     p.add_argument("--label-smoothing", type=float, default=None, help="default: the preset's, else 0")
+    for part in ("vision", "projector", "language"):
+        p.add_argument(f"--lr-{part}", type=float, default=None, help=f"peak learning rate of the {part} part "
+                       f"(default: --lr)")
+    p.add_argument("--freeze", action="append", default=None, choices=["vision", "projector", "language"],
+                   help="do not train this part (repeatable)")
+    p.add_argument("--grad-accum", type=int, default=None, help="split each batch into N micro-batches "
+                   "(same result, less memory; default 1)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
     p.add_argument("--seed", type=int, default=None, help=f"default: {TrainConfig.seed}")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -165,7 +172,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                              lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                              label_smoothing=args.label_smoothing, precision=args.precision, seed=args.seed,
                              augment=args.augment, save_every=args.save_every, log_every=args.log_every,
-                             num_workers=args.num_workers, compile=args.compile)
+                             num_workers=args.num_workers, compile=args.compile, lr_vision=args.lr_vision,
+                             lr_projector=args.lr_projector, lr_language=args.lr_language,
+                             freeze=tuple(args.freeze) if args.freeze else None, grad_accum_steps=args.grad_accum)
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary

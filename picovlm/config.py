@@ -69,6 +69,9 @@ class VLMConfig:
     lm_rms_eps: float = 1e-5  # RMSNorm epsilon
     lm_re_base: float = 100000.0  # RoPE theta: dimension pair i turns at position * theta^(-2i / head_dim)
     lm_max_position_embeddings: int = 8192  # positions RoPE was trained for; sequences and KV caches stay below
+    # --- pretrained parts of a new NanoVLM (empty: random); checkpoints carry their own weights ---
+    vit_weights: str = ""  # a SigLIP folder or Hub repo id (picovlm.siglip)
+    lm_weights: str = ""  # "smollm2-135m-instruct" (the offline GGUF), or a Llama folder / Hub repo id
     # --- fusion and special tokens ---
     # prefix: visual tokens first, then text, one causal sequence (SupraVL) | placeholder: image
     # embeddings take the places of image tokens in the text (NanoVLM, models/fusion.py)
@@ -76,6 +79,7 @@ class VLMConfig:
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
+    image_token_id: int = -1  # (placeholder fusion) -1: lm_vocab_size, one past the LM's vocabulary
 
     @property
     def n_vis_tokens(self) -> int:
@@ -237,6 +241,12 @@ class TrainConfig:
     seed: int = 1337
     augment: bool = False
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
+    # Peak learning rates per part (None: lr) and parts not trained at all: vision, projector, language.
+    lr_vision: float | None = None
+    lr_projector: float | None = None
+    lr_language: float | None = None
+    freeze: tuple[str, ...] = ()
+    grad_accum_steps: int = 1  # a batch as this many micro-batches, one optimiser step (less memory)
     # With a frozen backbone and no augmentation, train on its features cached once per image
     # (picovlm.data.features) instead of running it on every batch: same model, same loss.
     feature_cache: bool = True

@@ -41,6 +41,10 @@ class DistInfo:
         start = self.rank * per + min(self.rank, extra)
         return slice(start, start + per + (self.rank < extra))
 
+    def all_rows(self, batch_size: int) -> list[slice]:
+        """Every rank's rows, in rank order (also: a batch cut into world_size micro-batches)."""
+        return [DistInfo(r, self.world_size).rows(batch_size) for r in range(self.world_size)]
+
 
 SINGLE_PROCESS = DistInfo()
 

@@ -32,6 +32,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from picovlm.chat import IMAGE_TOKEN, ChatBatch, train_chat_tokenizer
 from picovlm.checkpoint import WEIGHTS, from_pretrained, save_pretrained
 from picovlm.config import TrainConfig, VLMConfig
 from picovlm.data.batches import AUGMENT_DRAWS, Batch, CaptionBatches, augment
@@ -40,6 +41,7 @@ from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, default_cache_dir, normalize
 from picovlm.data.shapes import ensure_shapes_dataset
 from picovlm.data.stream import StreamBatches, is_stream, open_split
+from picovlm.data.vqa_batches import VQABatches
 from picovlm.distributed import (
     SINGLE_PROCESS,
     DistInfo,
@@ -52,7 +54,9 @@ from picovlm.distributed import (
 )
 from picovlm.errors import UserError
 from picovlm.io import find_complete_dir
+from picovlm.models import build_model
 from picovlm.models.mobilenet_v2 import MobileNetV2Encoder
+from picovlm.models.nanovlm import NanoVLM
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
@@ -162,52 +166,67 @@ class StopOnInterrupt:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-               batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tc: TrainConfig, precision: str,
-               device: str, step: int, grad_weight: float = 1.0) -> float:
-    """One optimiser step: forward under autocast, backward (scaled for fp16), clip, update.
+               batch: tuple[torch.Tensor, ...], tc: TrainConfig, precision: str, device: str, step: int,
+               grad_weight: float = 1.0) -> float:
+    """One optimiser step on one batch (the model's forward arguments); returns its mean loss.
+    grad_weight scales the loss before backward (see global_batch_step)."""
+    return accumulate_step(model, optimizer, scaler, [(batch, grad_weight)], tc, precision, device, step)[0]
 
-    Returns the mean loss over this batch's targets. grad_weight scales the loss before backward
-    (with several processes: this process's share of the global batch's targets, see train())."""
-    images, input_ids, targets = batch
-    with out_of_memory_advice(tc.batch_size):
-        with autocast_context(precision, device):
-            _, loss = model(images, input_ids, targets, loss_only=True, label_smoothing=tc.label_smoothing)
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
-                            f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
-        optimizer.zero_grad(set_to_none=True)
-        weighted = loss * grad_weight if grad_weight != 1.0 else loss
-        if scaler is not None:
-            scaler.scale(weighted).backward()
-            scaler.unscale_(optimizer)
-        else:
-            weighted.backward()
+
+def accumulate_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    micro_batches: list[tuple[tuple[torch.Tensor, ...], float]], tc: TrainConfig, precision: str,
+                    device: str, step: int) -> list[float]:
+    """One optimiser step over micro-batches (gradient accumulation): for each, forward under
+    autocast and backward of its mean loss times its weight (scaled for fp16); then clip, update.
+    Returns each micro-batch's mean loss. Under DDP, gradients are averaged once, at the last."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for i, (tensors, weight) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+        with out_of_memory_advice(tc.batch_size), no_sync:
+            with autocast_context(precision, device):
+                _, loss = model(*tensors, loss_only=True, label_smoothing=tc.label_smoothing)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
+                                f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
+            weighted = loss * weight if weight != 1.0 else loss
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        losses.append(loss.item())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return loss.item()
+    return losses
 
 
 def global_batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler | None, batch: Batch, n_global: float, cfg: VLMConfig,
-                      tc: TrainConfig, precision: str, device: str, step: int, aug_rng: torch.Generator,
-                      dist_info: DistInfo, stop_requested: bool) -> tuple[float, bool]:
+                      scaler: torch.amp.GradScaler | None, batch: Batch | ChatBatch, n_global: float,
+                      cfg: VLMConfig, tc: TrainConfig, precision: str, device: str, step: int,
+                      aug_rng: torch.Generator, dist_info: DistInfo, stop_requested: bool) -> tuple[float, bool]:
     """One optimiser step on a global batch; `batch` is this process's part, with n_global of the
-    global batch's targets in all.
+    global batch's targets in all, run as tc.grad_accum_steps micro-batches.
 
     Returns the mean loss over all the global batch's targets, and whether any process was asked
     to stop (so that all stop after the same step)."""
-    draws = torch.rand(len(batch.input_ids), AUGMENT_DRAWS, generator=aug_rng) if tc.augment else None
-    images, input_ids, targets = to_device(batch, cfg, device, draws)
-    share = int((targets != IGNORE_INDEX).sum()) / n_global  # this process's share of the targets
-    # DDP averages gradients over processes: weighting each process's mean loss by share * world
-    # makes that average the gradient of the mean over the whole batch, as in one process.
-    loss = train_step(model, optimizer, scaler, (images, input_ids, targets), tc, precision, device, step,
-                      grad_weight=share * dist_info.world_size)
-    batch_loss, stop_votes = all_reduce_sum([loss * share, float(stop_requested)], dist_info, device)
+    n = len(batch.input_ids)
+    draws = torch.rand(n, AUGMENT_DRAWS, generator=aug_rng) if tc.augment and isinstance(batch, Batch) else None
+    micro, shares = [], []
+    for part in DistInfo(0, min(tc.grad_accum_steps, n)).all_rows(n):
+        piece = batch.rows(part)
+        share = int((piece.targets != IGNORE_INDEX).sum()) / n_global  # this piece's share of the targets
+        # DDP averages gradients over processes: weighting each piece's mean loss by share * world
+        # makes the sum the gradient of the mean over the whole batch, as in one process.
+        micro.append((to_device(piece, cfg, device, None if draws is None else draws[part]),
+                      share * dist_info.world_size))
+        shares.append(share)
+    losses = accumulate_step(model, optimizer, scaler, micro, tc, precision, device, step)
+    local = sum(loss * share for loss, share in zip(losses, shares))
+    batch_loss, stop_votes = all_reduce_sum([local, float(stop_requested)], dist_info, device)
     return batch_loss, stop_votes > 0
 
 
@@ -226,12 +245,28 @@ def out_of_memory_advice(batch_size: int) -> Iterator[None]:
 
 
 def configure_optimizer(model: torch.nn.Module, tc: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (>= 2-D), not on biases and norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    """AdamW with a learning rate per part (vision, projector, language: tc.lr_<part>, else tc.lr)
+    and the parts in tc.freeze frozen; weight decay only on matrices, not on biases and norm gains.
+    Each group keeps its peak rate as "base_lr"; the schedule scales all of them alike."""
+    parts = model.parts() if hasattr(model, "parts") else {"language": list(model.parameters())}
+    unknown = set(tc.freeze) - set(parts)
+    if unknown:
+        raise UserError(f"cannot freeze {sorted(unknown)}: the parts are {', '.join(parts)}")
+    groups = []
+    for name, params in parts.items():
+        if name in tc.freeze:
+            for p in params:
+                p.requires_grad_(False)
+        trainable = [p for p in params if p.requires_grad]  # a frozen backbone's are not
+        part_lr = getattr(tc, f"lr_{name}", None)
+        base_lr = tc.lr if part_lr is None else part_lr
+        for decay, chosen in ((tc.weight_decay, [p for p in trainable if p.dim() >= 2]),
+                              (0.0, [p for p in trainable if p.dim() < 2])):
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": decay, "lr": base_lr, "base_lr": base_lr,
+                               "part": name})
+    if not groups:
+        raise UserError("nothing to train: every part is frozen")
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, fused=device.startswith("cuda"))
 
 
@@ -299,6 +334,53 @@ def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: C
     return data
 
 
+def prepare_vqa_data(data_dir: str | Path | None, model: NanoVLM, dist_info: DistInfo = SINGLE_PROCESS,
+                     device: str = "cpu") -> Data:
+    """Cauldron-format conversations for a NanoVLM: `data_dir` is one source or several,
+    "SOURCE[=WEIGHT],..." (see picovlm.data.cauldron); default: the built-in shapes VQA set. A source
+    without a validation split gives 5 % of its rows. The tokenizer is the model's (its language
+    model's), else one trained on the conversations."""
+    from picovlm.data.cauldron import load_cauldron, mix, split_train_val, write_shapes_vqa
+
+    with main_process_first(dist_info):
+        if data_dir is None:
+            data_dir = default_cache_dir() / "shapes-vqa-v1"
+            if not (data_dir / "data").is_dir():
+                write_shapes_vqa(data_dir)
+    train_parts, dev_parts = [], []
+    for item in str(data_dir).split(","):
+        source, _, weight = item.partition("=")
+        train = load_cauldron(source, "train")
+        try:
+            dev = load_cauldron(source, "validation")
+        except UserError:  # no validation split
+            train, dev = split_train_val(train, 0.05, seed=0)
+        train_parts.append((train, float(weight or 1.0)))
+        dev_parts.append((dev, 1.0))
+    train_rows, dev_rows = mix(train_parts), mix(dev_parts)
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        tokenizer = _shared_chat_tokenizer(train_rows, model, dist_info, device)
+    k = model.tokens_per_image
+    return Data(VQABatches(train_rows, tokenizer, model.cfg, k, "train"),
+                VQABatches(dev_rows, tokenizer, model.cfg, k, "validation"), tokenizer, str(data_dir))
+
+
+def _shared_chat_tokenizer(rows: Any, model: NanoVLM, dist_info: DistInfo, device: str) -> Any:
+    """A byte-level BPE for the conversations with ChatML's special tokens and the image token, trained
+    by one process and sent to the others; its image token becomes the model's."""
+    from tokenizers import Tokenizer
+
+    trained = None
+    if dist_info.is_main:
+        texts = (t[key] for row in rows for t in row["texts"] for key in ("user", "assistant"))
+        trained = train_chat_tokenizer(texts, model.cfg.lm_vocab_size)
+    text = broadcast_bytes(trained.to_str().encode() if trained else None, dist_info, device)
+    tokenizer = trained or Tokenizer.from_str(text.decode())
+    model.cfg.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)  # at most lm_vocab_size
+    return tokenizer
+
+
 def uses_feature_cache(model: SupraVL, tc: TrainConfig) -> bool:
     """A frozen backbone sees the same pixels every epoch unless they are augmented: then its
     features are computed once per image (picovlm.data.features) and training runs only the rest."""
@@ -315,10 +397,16 @@ def process_batches(data: CaptionBatches | StreamBatches, batch_size: int, seed:
     return (b.rows(dist_info.rows(len(b.input_ids))) for b in data.epoch(batch_size, seed, start_batch))
 
 
-def to_device(batch: Batch, cfg: VLMConfig, device: str,
-              aug_draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 images -> normalised floats (augmented if aug_draws are given), all on the device.
-    Cached backbone features (batch.is_features) only become float32."""
+def to_device(batch: Batch | ChatBatch, cfg: VLMConfig, device: str,
+              aug_draws: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """A batch as the model's forward arguments, on the device: uint8 images -> normalised floats
+    (augmented if aug_draws are given). SupraVL: (images, input_ids, targets); cached backbone
+    features (batch.is_features) only become float32. NanoVLM: (input_ids, images (N, 3, S, S) of
+    all samples in order, attention_mask, labels)."""
+    if isinstance(batch, ChatBatch):
+        images = torch.cat(batch.images) if batch.images else torch.zeros(0, 0, 0, 3, dtype=torch.uint8)
+        pixels = normalize(images, cfg.img_mean, cfg.img_std).to(device) if len(images) else None
+        return (batch.input_ids.to(device), pixels, batch.attention_mask.to(device), batch.labels.to(device))
     if batch.is_features:
         return batch.images.to(device).float(), batch.input_ids.to(device), batch.targets.to(device)
     transform = (lambda x: augment(x, batch.flippable, aug_draws)) if aug_draws is not None else None
@@ -337,10 +425,9 @@ def evaluate_loss(model: SupraVL, data: CaptionBatches | StreamBatches, tc: Trai
     for i, batch in enumerate(process_batches(data, tc.batch_size, None, 0, dist_info)):
         if tc.eval_max_batches is not None and i >= tc.eval_max_batches:
             break
-        images, input_ids, targets = to_device(batch, model.cfg, device)
         with autocast_context(precision, device):
-            _, loss = model(images, input_ids, targets)
-        n = int((targets != IGNORE_INDEX).sum())
+            _, loss = model(*to_device(batch, model.cfg, device))
+        n = int((batch.targets != IGNORE_INDEX).sum())
         total, n_tokens = total + loss.item() * n, n_tokens + n
     model.train()
     total, n_tokens = all_reduce_sum([total, n_tokens], dist_info, device)
@@ -446,16 +533,23 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         model = from_pretrained(last_dir, device=device)
         cfg = model.cfg
     else:
-        model = SupraVL(cfg)
-        # ImageNet weights for a pretrained backbone, before the data: missing weights fail at once.
-        model.load_pretrained_vision()
+        model = build_model(cfg)
+        # Pretrained parts before the data, so that missing weights fail at once. A pretrained
+        # language model brings its tokenizer.
+        if isinstance(model, NanoVLM):
+            model.tokenizer = model.load_pretrained_parts()
+        else:
+            model.load_pretrained_vision()
         model = model.to(device)
-    # A new model has no tokenizer yet: it is trained here.
-    data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers,
-                        model.vis_enc if uses_feature_cache(model, tc) else None)
+    if isinstance(model, NanoVLM):
+        data = prepare_vqa_data(data_dir, model, dist_info, device)
+    else:  # a new SupraVL has no tokenizer yet: it is trained here
+        data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers,
+                            model.vis_enc if uses_feature_cache(model, tc) else None)
+        to_channels_last(model)
     data_path = data.path
     model.tokenizer = data.tokenizer
-    to_channels_last(model).train()
+    model.train()
     ddp_model = wrap_model(model, dist_info, device)  # the model itself in one process
     if tc.compile:  # opt-in: the first steps pay for compilation (benchmarks/train_throughput.py --compile)
         ddp_model = torch.compile(ddp_model)
@@ -519,8 +613,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                     data_ended = True
                     break
                 lr = get_lr(step, total_steps, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group in optimizer.param_groups:  # each part keeps its own peak rate
+                    group["lr"] = lr * group.get("base_lr", tc.lr) / tc.lr
                 last_train_loss, stop_now = global_batch_step(
                     ddp_model, optimizer, scaler, batch, n_targets, cfg, tc, precision, device, step, aug_rng,
                     dist_info, stop.requested)

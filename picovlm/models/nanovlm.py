@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from picovlm.chat import IMAGE_TOKEN as IMAGE_TOKEN_NAME
 from picovlm.config import VLMConfig
+from picovlm.errors import UserError
 from picovlm.kv_cache import KVCache
 from picovlm.models.fusion import replace_image_tokens
 from picovlm.models.llama import LlamaDecoder
@@ -48,7 +50,47 @@ class NanoVLM(nn.Module):
 
     @property
     def image_token_id(self) -> int:
-        return self.cfg.lm_vocab_size
+        return self.cfg.image_token_id if self.cfg.image_token_id >= 0 else self.cfg.lm_vocab_size
+
+    def load_pretrained_parts(self) -> Any:
+        """Fill the ViT and/or the decoder from cfg.vit_weights / cfg.lm_weights (a new model about to
+        be trained; a checkpoint holds everything). Returns the language model's tokenizer, with the
+        image token added, when its weights were loaded, else None."""
+        tokenizer = None
+        if self.cfg.vit_weights:
+            from picovlm.siglip import load_siglip_vit
+
+            vit, _ = load_siglip_vit(self.cfg.vit_weights, self.cfg.vit_img_size)
+            self.vision_encoder.load_state_dict(vit.state_dict())
+        if self.cfg.lm_weights:
+            tokenizer = self._load_language_model(self.cfg.lm_weights)
+        return tokenizer
+
+    def _load_language_model(self, source: str) -> Any:
+        from tokenizers import Tokenizer
+
+        from picovlm.chat import add_image_token
+        from picovlm.pretrained_lm import load_llama, resolve_lm_dir, smollm2_135m_instruct_dir
+
+        folder = smollm2_135m_instruct_dir() if source == "smollm2-135m-instruct" else resolve_lm_dir(source)
+        decoder = load_llama(folder)
+        ours, theirs = self.decoder.state_dict(), decoder.state_dict()
+        wrong = [k for k in ours if k not in theirs or ours[k].shape != theirs[k].shape]
+        if wrong:
+            raise UserError(f"{source} does not fit this config's decoder (e.g. {wrong[0]}); take the lm_ fields "
+                            f"from its config.json")
+        self.decoder.load_state_dict(theirs)
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        image_id = add_image_token(tokenizer)
+        if image_id != self.image_token_id:
+            raise UserError(f"{source}'s tokenizer gives {IMAGE_TOKEN_NAME} id {image_id}, not "
+                            f"{self.image_token_id}; set lm_vocab_size to its vocabulary size")
+        return tokenizer
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part, for separate learning rates or freezing."""
+        return {"vision": list(self.vision_encoder.parameters()), "projector": list(self.projector.parameters()),
+                "language": list(self.decoder.parameters())}
 
     @property
     def tokens_per_image(self) -> int:
@@ -72,7 +114,7 @@ class NanoVLM(nn.Module):
         return replace_image_tokens(text, input_ids, self.encode_images(images), self.image_token_id)
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, loss_only: bool = False
+                labels: torch.Tensor | None = None, loss_only: bool = False, label_smoothing: float = 0.0,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids, attention_mask, labels (B, T); images (N, 3, H, W). Returns logits (B, T, V)
         and the mean cross-entropy of position t predicting labels[t + 1] where that is not
@@ -84,9 +126,10 @@ class NanoVLM(nn.Module):
         if loss_only:
             keep = targets != IGNORE_INDEX
             logits = self.decoder.lm_head(h[:, :-1][keep])  # (n_targets, V)
-            return None, F.cross_entropy(logits.float(), targets[keep])
+            return None, F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
         logits = self.decoder.lm_head(h)
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               label_smoothing=label_smoothing)
         return logits, loss
 
     # --- generation -----------------------------------------------------------

@@ -80,6 +80,14 @@ class SupraVL(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part, for separate learning rates or freezing: the encoder's projection to
+        the decoder's width is the projector; the decoder and its embeddings are the language part."""
+        projector = list(self.vis_enc.proj.parameters())
+        ids = {id(p) for p in projector}
+        return {"vision": [p for p in self.vis_enc.parameters() if id(p) not in ids], "projector": projector,
+                "language": [p for name, p in self.named_parameters() if not name.startswith("vis_enc.")]}
+
     def load_pretrained_vision(self) -> None:
         """Fill a pretrained vision backbone with its ImageNet weights (cfg.vision_weights).
 
