@@ -10,16 +10,20 @@ Random weights and random token ids: this measures memory, not quality. Per batc
 
 Inputs per family:
 
-    supravl   images (B, 3, img_size, img_size) + text of lm_max_text_len tokens (the whole
-              training context; generation starts from <bos> after the visual tokens)
+    supravl   images (B, 3, img_size, img_size) + `text_tokens` text tokens (default
+              lm_max_text_len, the whole training context); generation starts from <bos> after
+              the visual tokens
     nanovlm   one image per sample (B, 3, vit_img_size, vit_img_size) as tokens_per_image
               image tokens, then `text_tokens` text tokens (default 32) as the prompt
 
 How peaks are read:
 
     cpu    the peak RSS (ru_maxrss) of a fresh process per (batch size, phase):
-           `python -m picovlm.memory --one JSON`. A process that only builds the model is the
-           baseline (Python + torch + weights), so the table also shows what the step adds.
+           `python -m picovlm.memory --one JSON`. Once the model is built, the kernel's peak is
+           reset to the RSS of that moment (/proc/self/clear_refs), so the transient memory of
+           building the model (initialisation, the untied head before tying) does not hide a
+           smaller step. The baseline is that RSS (Python + torch + weights) in a process that
+           runs nothing, so the table also shows what the step adds.
     cuda   torch.cuda.max_memory_allocated() in the same fresh processes: tensors only, not the
            CUDA context. The baseline is the weights on the GPU.
 
@@ -31,6 +35,7 @@ An out-of-memory batch size is recorded as "OOM" and larger ones are not tried f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -57,6 +62,9 @@ def measure_memory(cfg: VLMConfig, batch_sizes: Sequence[int], device: str = "cp
     """Peaks (MiB) per batch size and phase, each from a fresh process; see the module docstring."""
     cfg.validate()
     _check_settings(batch_sizes, device, precision, phases, steps)
+    if cfg.family == "supravl" and text_tokens is not None and not 0 < text_tokens <= cfg.lm_max_text_len:
+        raise UserError(f"supravl models read at most lm_max_text_len={cfg.lm_max_text_len} text tokens, "
+                        f"not {text_tokens}")
     job = {"config": cfg.to_dict(), "device": device, "precision": precision, "steps": steps,
            "text_tokens": text_tokens or _default_text_tokens(cfg), "new_tokens": new_tokens}
     bar = tqdm(total=len(batch_sizes) * len(phases) + len(phases), desc="measuring memory", unit="process",
@@ -82,7 +90,7 @@ def measure_memory(cfg: VLMConfig, batch_sizes: Sequence[int], device: str = "cp
     return {"family": cfg.family, "device": device, "precision": precision, "steps": steps,
             "text_tokens": job["text_tokens"], "new_tokens": new_tokens, "unit": "MiB",
             "measure": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else
-            "peak RSS (ru_maxrss) of a fresh process",
+            "peak RSS (ru_maxrss) of a fresh process, from the model built on",
             "params": sum(p.numel() for p in _meta_model(cfg).parameters()),
             "baseline_mib": baseline, "rows": rows}
 
@@ -159,6 +167,9 @@ def measure_one(job: dict[str, Any]) -> float:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # the peak restarts at what is allocated now: the weights
+    else:
+        gc.collect()
+        _reset_peak_rss()
     if not job["weights_only"]:
         inputs = _random_inputs(cfg, B, job["text_tokens"], device)
         if phase == "train":
@@ -171,6 +182,14 @@ def measure_one(job: dict[str, Any]) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _reset_peak_rss() -> None:
+    """Linux: the peak RSS (VmHWM, and so ru_maxrss) restarts at the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as e:
+        raise RuntimeError(f"cannot reset the peak RSS ({e}); measure-memory on CPU needs Linux 4.0+") from None
+
+
 def _random_inputs(cfg: VLMConfig, B: int, text_tokens: int, device: str) -> dict[str, torch.Tensor]:
     """Images and token ids of the right shapes; ids avoid the image token, so only real
     placeholders are replaced."""
@@ -180,7 +199,7 @@ def _random_inputs(cfg: VLMConfig, B: int, text_tokens: int, device: str) -> dic
         text = torch.randint(0, cfg.lm_vocab_size, (B, text_tokens))
         ids = torch.cat([torch.full((B, n_image_tokens), cfg.lm_vocab_size), text], dim=1)  # image tokens first
     else:
-        size, ids = cfg.img_size, torch.randint(0, cfg.lm_vocab_size, (B, cfg.lm_max_text_len))
+        size, ids = cfg.img_size, torch.randint(0, cfg.lm_vocab_size, (B, text_tokens))
     return {"images": torch.randn(B, 3, size, size, device=device), "input_ids": ids.to(device)}
 
 

@@ -46,3 +46,4 @@ def test_bad_settings_are_user_errors() -> None:
         with pytest.raises(UserError, match="--batch-sizes"):
             parse_batch_sizes(text)
     assert main(["measure-memory", "--preset", "supravl-nano", "--device", "tpu"]) == 2
+    assert main(["measure-memory", "--preset", "supravl-nano", "--text-tokens", "49"]) == 2  # > lm_max_text_len
