@@ -13,6 +13,8 @@
     picovlm data make-vqa OUT         picovlm.data.cauldron.write_shapes_vqa
     picovlm data build-cauldron ...   picovlm.data.cauldron.build_cauldron
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
+    picovlm eval-mc --model DIR       picovlm.mmstar.evaluate_multiple_choice
+    picovlm measure-memory --preset P picovlm.memory.measure_memory
 
 User mistakes (`UserError`) print as one line, `picovlm: error: ...`, and exit with status 2.
 """
@@ -161,6 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
+
+    p = sub.add_parser("eval-mc", help="MMStar-style multiple-choice accuracy of a NanoVLM, by letter likelihood "
+                       "and by greedy generation, overall and per category")
+    p.add_argument("--model", required=True, help="NanoVLM checkpoint folder or Hub repo id (read by picovlm.load)")
+    p.add_argument("--data", default="Lin-Chen/MMStar", help="folder (e.g. OUT/mmstar from `picovlm data make-vqa "
+                   "OUT`) or Hub dataset in MMStar's format")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ways", default="likelihood,generate", help="likelihood, generate, or both (comma-separated)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per answer (generate way)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--out", default=None, help="also write the full report (every question's prediction) as JSON")
+    p.add_argument("--json", action="store_true", help="print the report without the per-question predictions")
+
+    p = sub.add_parser("measure-memory", help="peak memory of a training step and of generation per batch size "
+                       "(random weights; a fresh process per measurement)")
+    p.add_argument("--preset", default="supravl-nano", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated, e.g. 1,8,32,64")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
+    p.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (max_memory_allocated)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast for the training step, bf16 weights for generation")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="text tokens per sample (default: lm_max_text_len for supravl, 32 for nanovlm)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sample (greedy, KV cache)")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -310,9 +339,38 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(push_to_hub(args.model, args.repo_id, private=args.private))
 
 
+def cmd_eval_mc(args: argparse.Namespace) -> None:
+    import picovlm
+    from picovlm.mmstar import evaluate_multiple_choice, format_report, load_multiple_choice, require_nanovlm
+    from picovlm.train import autodetect_device
+
+    # picovlm.load must return a NanoVLM with .tokenizer (a tokenizers.Tokenizer holding <|image|>).
+    model = require_nanovlm(picovlm.load(args.model, device=args.device or autodetect_device()))
+    rows = load_multiple_choice(args.data, args.split)
+    if args.limit is not None:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    report = evaluate_multiple_choice(model, rows, batch_size=args.batch_size, ways=args.ways.split(","),
+                                      max_new_tokens=args.max_new_tokens, progress=not args.json)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    summary = {k: v for k, v in report.items() if k != "questions"}
+    print(json.dumps(summary, indent=2) if args.json else format_report(report))
+
+
+def cmd_measure_memory(args: argparse.Namespace) -> None:
+    from picovlm.memory import format_table, measure_memory, parse_batch_sizes
+
+    cfg = get_preset(args.preset).with_overrides(parse_overrides(args.set))
+    report = measure_memory(cfg, parse_batch_sizes(args.batch_sizes), args.device, args.precision,
+                            args.text_tokens, args.new_tokens, progress=not args.json)
+    report = {"preset": args.preset, **report}
+    print(json.dumps(report, indent=2) if args.json else format_table(report, args.preset))
+
+
 COMMANDS = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
             "serve": cmd_serve, "sweep": cmd_sweep, "info": cmd_info, "demo": cmd_demo, "data": cmd_data,
-            "push-to-hub": cmd_push}
+            "push-to-hub": cmd_push, "measure-memory": cmd_measure_memory,
+            "eval-mc": cmd_eval_mc}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
