@@ -42,3 +42,16 @@ def test_train_throughput(shapes_dir: Path) -> None:
     # Same weights, same batches, same pixels: the two arms must have learned the same thing.
     assert report["held_out_loss_rel_diff"] < 0.01
     assert report["speedup"] > 0 and 0 < report["fraction_of_peak"]["picovlm"] < 1.5
+
+
+def test_nanovlm_cpu_demo(tmp_path: Path) -> None:
+    tiny = ["img_size=32", "vit_img_size=32", "vit_patch_size=8", "vit_hidden_dim=32", "vit_inter_dim=64",
+            "vit_n_heads=2", "vit_n_blocks=1", "lm_hidden_dim=32", "lm_inter_dim=64", "lm_n_heads=4",
+            "lm_n_kv_heads=2", "lm_n_blocks=1", "lm_vocab_size=300", "lm_max_text_len=96"]
+    args = ["benchmarks.nanovlm_cpu_demo", "--out", str(tmp_path), "--steps", "3", "--batch-size", "4",
+            "--eval-limit", "8", "--n-train", "16", "--lm-weights", ""]
+    for item in tiny:
+        args += ["--set", item]
+    report = _run(*args)
+    assert report["steps"] == 3 and report["multiple_choice_questions"] == 8
+    assert set(report["accuracy_after"]) == {"likelihood", "generate"} and report["inference_peak_rss_mb_bf16"] > 50
