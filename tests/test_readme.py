@@ -25,7 +25,8 @@ def test_opening_commands_are_the_scripts_ci_runs() -> None:
 
 
 def test_every_picovlm_command_line_parses() -> None:
-    lines = [ln.split("#")[0].strip() for block in _blocks("bash") for ln in block.splitlines()]
+    joined = [block.replace("\\\n", " ") for block in _blocks("bash")]  # continuation lines
+    lines = [ln.split("#")[0].strip() for block in joined for ln in block.splitlines()]
     commands = [ln for ln in lines if ln.startswith(".venv/bin/picovlm")]
     assert len(commands) >= 3
     for line in commands:
