@@ -207,3 +207,34 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path: Path, vqa_dir: Path
     _train_tiny(tmp_path / "four", vqa_dir, max_steps=3, grad_accum_steps=4)
     a, b = (load_file(str(tmp_path / run / "last" / "model.safetensors")) for run in ("one", "four"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, vqa_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    import picovlm.train as train_mod
+    from picovlm.errors import UserError
+
+    _train_tiny(tmp_path / "full", vqa_dir, max_steps=10)
+    real_get_lr = train_mod.get_lr
+
+    def ctrl_c_during_step_4(step: int, total: int, tc: object) -> float:
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_lr(step, total, tc)
+
+    monkeypatch.setattr(train_mod, "get_lr", ctrl_c_during_step_4)
+    with pytest.raises(UserError, match="interrupted after step 5"):
+        _train_tiny(tmp_path / "cut", vqa_dir, max_steps=10)
+    monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
+    from picovlm.config import TrainConfig
+    from picovlm.train import train as run
+
+    tc = TrainConfig(max_steps=10, batch_size=8, lr=3e-3, warmup_steps=2, precision="fp32", log_every=1)
+    assert run(tiny_nanovlm(), tc, tmp_path / "cut", data_dir=vqa_dir, resume=True, progress_bar=False)["steps"] == 10
+    full, resumed = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("full", "cut"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)  # optimiser, schedule and batch order restored
