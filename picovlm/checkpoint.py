@@ -24,7 +24,7 @@ from picovlm import __version__
 from picovlm.chat import IMAGE_TOKEN
 from picovlm.config import VLMConfig
 from picovlm.errors import UserError, first_line
-from picovlm.io import atomic_dir, find_complete_dir
+from picovlm.io import atomic_dir, check_state_dict, find_complete_dir
 from picovlm.models.mobilenet_v2 import FEATURE_CHANNELS
 from picovlm.models.nanovlm import NanoVLM
 from picovlm.models.supravl import SupraVL
@@ -188,19 +188,10 @@ def load_weights(model: SupraVL | NanoVLM, weights_path: Path) -> None:
         raise UserError(f"cannot read weights {weights_path}: {e}; the file is damaged or not "
                         f"safetensors (picovlm never loads pickled weights)") from None
     expected = model.state_dict()
-    optional = {tied_head_key(model)} if tied_head_key(model) else set()
-    missing = sorted(set(expected) - set(state) - optional)
     # The published model keeps its causal-mask buffers in the state dict; they are derived.
-    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("attn.mask"))
-    if missing or unexpected:
-        raise UserError(f"{weights_path} does not match its config.json: missing {missing[:5]}"
-                        f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                        f"{'...' if len(unexpected) > 5 else ''}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if wrong:
-        raise UserError(f"{weights_path}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    state = {k: v for k, v in state.items() if not (k.endswith("attn.mask") and k not in expected)}
+    check_state_dict(expected, state, str(weights_path), {tied_head_key(model)} if tied_head_key(model) else set())
+    model.load_state_dict(state, strict=False)
     if model.cfg.lm_tie_weights:  # the saved embedding is the head too
         head_owner = model.decoder if isinstance(model, NanoVLM) else model
         head_owner.lm_head.weight = head_owner.tok_emb.weight

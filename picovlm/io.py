@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
@@ -72,3 +72,21 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_state_dict(expected: dict[str, Any], state: dict[str, Any], source: str, optional: set[str] = frozenset(),
+                     unexpected_extra: list[str] = ()) -> None:
+    """Raise a one-line UserError unless `state` has exactly the keys of `expected` (less `optional`)
+    and their shapes; unexpected_extra are further names the caller could not place."""
+    from picovlm.errors import UserError
+
+    missing = sorted(set(expected) - set(state) - set(optional))
+    unexpected = sorted([*unexpected_extra, *(k for k in state if k not in expected)])
+    if missing or unexpected:
+        raise UserError(f"{source} does not match its config.json: missing {missing[:3]}"
+                        f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                        f"{'...' if len(unexpected) > 3 else ''}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"{source}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")

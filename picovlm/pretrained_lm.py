@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from picovlm.config import VLMConfig, _coerce
 from picovlm.data.images import default_cache_dir
 from picovlm.errors import UserError, first_line
-from picovlm.io import atomic_dir, find_complete_dir
+from picovlm.io import atomic_dir, check_state_dict, find_complete_dir
 from picovlm.models.llama import LlamaDecoder
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
@@ -203,18 +203,7 @@ def load_hf_state(model: LlamaDecoder, hf_state: dict[str, torch.Tensor], source
     tied = model.cfg.lm_tie_weights
     if tied:
         state.pop("lm_head.weight", None)  # a tied head is the embedding, as transformers treats it
-    expected = model.state_dict()
-    optional = {"lm_head.weight"} if tied else set()
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(unknown + [k for k in state if k not in expected])
-    if missing or unexpected:
-        raise UserError(f"{source} does not fit its config.json: missing {missing[:3]}"
-                        f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                        f"{'...' if len(unexpected) > 3 else ''}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if wrong:
-        raise UserError(f"{source}: tensor shapes do not match config.json: {'; '.join(wrong[:3])}")
+    check_state_dict(model.state_dict(), state, source, {"lm_head.weight"} if tied else set(), unknown)
     model.load_state_dict(state, strict=False)
     if tied:
         model.lm_head.weight = model.tok_emb.weight

@@ -19,7 +19,6 @@ sizes, modification times) decides, as for the image cache, whether an existing 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ import torch
 from tqdm import tqdm
 
 from picovlm.config import VLMConfig
-from picovlm.data.images import _fingerprint, default_cache_dir, normalize
-from picovlm.io import atomic_write
+from picovlm.data.images import _fingerprint, default_cache_dir, normalize, read_array_cache, write_array_cache
 
 
 def backbone_hash(backbone: torch.nn.Module) -> str:
@@ -55,20 +53,13 @@ def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, na
     key = hashlib.sha1(ident.encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"features-{key}.npy", cache_dir / f"features-{key}.json"
     fingerprint = _fingerprint(root, names)
-    if meta_path.is_file() and array_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint and meta.get("names") == names:
-                return np.load(array_path, mmap_mode="r")
-        except (OSError, ValueError):
-            pass  # unreadable cache: rebuild it
+    cached = read_array_cache(array_path, meta_path, fingerprint, names)
+    if cached is not None:
+        return cached[0]
     out = _compute(encoder, images, cfg, batch_size, device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(array_path) as f:
-        np.save(f, out)
-    with atomic_write(meta_path) as f:
-        f.write(json.dumps({"root": str(root.resolve()), "size": cfg.img_size, "grid": cfg.cnn_grid,
-                            "backbone_sha1": weights, "names": names, "fingerprint": fingerprint}).encode())
+    write_array_cache(array_path, meta_path, out, {"root": str(root.resolve()), "size": cfg.img_size,
+                                                   "grid": cfg.cnn_grid, "backbone_sha1": weights, "names": names,
+                                                   "fingerprint": fingerprint})
     return out
 
 

@@ -121,13 +121,9 @@ def cached_images(root: Path, names: list[str], size: int,
     key = hashlib.sha1(f"{root.resolve()}|{size}|{len(names)}".encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
     fingerprint = _fingerprint(root, names)
-    if meta_path.is_file() and array_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint and meta.get("names") == names:
-                return np.load(array_path, mmap_mode="r"), np.array(meta["ok"], dtype=bool)
-        except (OSError, ValueError):
-            pass  # unreadable cache: rebuild it
+    cached = read_array_cache(array_path, meta_path, fingerprint, names)
+    if cached is not None:
+        return cached[0], np.array(cached[1]["ok"], dtype=bool)
     images = np.zeros((len(names), size, size, 3), dtype=np.uint8)
     ok = np.ones(len(names), dtype=bool)
     failures: list[str] = []
@@ -140,10 +136,29 @@ def cached_images(root: Path, names: list[str], size: int,
     if failures:
         shown = "; ".join(failures[:3])
         warnings.warn(f"skipped {len(failures)} unreadable image(s) of {len(names)}: {shown}", stacklevel=2)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(array_path) as f:
-        np.save(f, images)
-    with atomic_write(meta_path) as f:
-        f.write(json.dumps({"root": str(root.resolve()), "size": size, "names": names,
-                            "fingerprint": fingerprint, "ok": ok.tolist()}).encode())
+    write_array_cache(array_path, meta_path, images, {"root": str(root.resolve()), "size": size, "names": names,
+                                                      "fingerprint": fingerprint, "ok": ok.tolist()})
     return images, ok
+
+
+def read_array_cache(array_path: Path, meta_path: Path, fingerprint: str,
+                     names: list[str]) -> tuple[np.ndarray, dict] | None:
+    """A cached array (memory-mapped) and its JSON, if both exist and still describe these files."""
+    if not (meta_path.is_file() and array_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fingerprint and meta.get("names") == names:
+            return np.load(array_path, mmap_mode="r"), meta
+    except (OSError, ValueError):
+        pass  # unreadable cache: rebuild it
+    return None
+
+
+def write_array_cache(array_path: Path, meta_path: Path, array: np.ndarray, meta: dict) -> None:
+    """Array first, JSON last (each atomically): the JSON's presence marks a complete cache."""
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(array_path) as f:
+        np.save(f, array)
+    with atomic_write(meta_path) as f:
+        f.write(json.dumps(meta).encode())
