@@ -152,3 +152,16 @@ def test_fp16_step_with_grad_scaler_skips_overflowing_steps() -> None:
     train_step(model, opt, overflowing, batch, tc, "fp16", "cpu", step=1)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert overflowing.get_scale() < 2.0**60
+
+
+def test_precision_choice_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA choices (exercised without a GPU): torchrun gives devices such as cuda:1."""
+    from picovlm.train import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda:1") == "fp16"  # then train() adds a GradScaler
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("fp16", "cuda:0") == "fp16" and resolve_precision("auto", "mps") == "fp32"
+    with pytest.raises(UserError, match="fp16 training needs a CUDA GPU"):
+        resolve_precision("fp16", "cpu")
