@@ -43,10 +43,10 @@ def accuracy(report: dict) -> dict[str, float]:
 def evaluate_checkpoint(folder: Path, mc_dir: Path, limit: int, dtype: str) -> dict:
     """Load a checkpoint and score it (run in a fresh process: its peak RSS is inference memory)."""
     import picovlm
+    from picovlm.memory import reset_peak_rss
 
-    model = picovlm.load(str(folder))
-    if dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    reset_peak_rss()  # an exec'd child starts with its parent's peak on Linux: measure from here
+    model = picovlm.load(str(folder), dtype=torch.bfloat16 if dtype == "bf16" else None)
     rows = load_multiple_choice(mc_dir)
     rows = rows.select(range(min(limit, len(rows))))
     report = evaluate_multiple_choice(model, rows, batch_size=8, progress=False)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from picovlm import __version__
 from picovlm.chat import IMAGE_TOKEN
@@ -136,11 +136,14 @@ def resolve_model_dir(dir_or_repo: str | Path) -> Path:
                         f"check the repo id and your connection, or pass a local folder") from None
 
 
-def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu") -> SupraVL | NanoVLM:
+def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> SupraVL | NanoVLM:
     """Load a checkpoint folder or Hub repo; the tokenizer is attached as `model.tokenizer`.
 
     The weights file holds every tensor, a frozen pretrained backbone's included, so loading
-    never needs the backbone's original ImageNet file.
+    never needs the backbone's original ImageNet file. The model is built on the meta device and
+    takes the file's tensors as they are (cast to `dtype` if given), so loading needs memory for
+    one copy of the weights, not two, and no time initialising weights the file replaces.
     """
     path = resolve_model_dir(dir_or_repo)
     for name in (WEIGHTS, CONFIG, TOKENIZER):
@@ -153,9 +156,10 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu")
         raise UserError(f"{path / CONFIG} is not valid JSON ({e}); restore it from the saved checkpoint") from None
     cfg = config_from_json(config_json, str(path / CONFIG))
     if cfg.family == "nanovlm":
-        return _nanovlm_from_folder(cfg, path).to(device).eval()
-    model = SupraVL(cfg)
-    load_weights(model, path / WEIGHTS)
+        return _nanovlm_from_folder(cfg, path, dtype).to(device).eval()
+    with torch.device("meta"):
+        model = SupraVL(cfg)
+    load_weights(model, path / WEIGHTS, dtype)
     tokenizer = CaptionTokenizer.from_file(path / TOKENIZER)
     if tokenizer.vocab_size > cfg.lm_vocab_size:
         raise UserError(f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model only "
@@ -164,11 +168,12 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu")
     return model.to(device).eval()
 
 
-def _nanovlm_from_folder(cfg: VLMConfig, path: Path) -> NanoVLM:
+def _nanovlm_from_folder(cfg: VLMConfig, path: Path, dtype: torch.dtype | None) -> NanoVLM:
     from tokenizers import Tokenizer
 
-    model = NanoVLM(cfg)
-    load_weights(model, path / WEIGHTS)
+    with torch.device("meta"):
+        model = NanoVLM(cfg)
+    load_weights(model, path / WEIGHTS, dtype)
     try:
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
     except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
@@ -180,10 +185,22 @@ def _nanovlm_from_folder(cfg: VLMConfig, path: Path) -> NanoVLM:
     return model
 
 
-def load_weights(model: SupraVL | NanoVLM, weights_path: Path) -> None:
-    """Load safetensors weights with exact key and shape checks (one-line errors)."""
+def _read_tensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, floating-point ones cast to dtype one at a time (so a
+    bf16 load never holds the whole fp32 file in memory)."""
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            t = f.get_tensor(key)
+            state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return state
+
+
+def load_weights(model: SupraVL | NanoVLM, weights_path: Path, dtype: torch.dtype | None = None) -> None:
+    """Put safetensors weights into a model (built on the meta device or not) with exact key and
+    shape checks (one-line errors); floating-point tensors are cast to dtype if given."""
     try:
-        state = load_file(str(weights_path))
+        state = _read_tensors(weights_path, dtype)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read weights {weights_path}: {e}; the file is damaged or not "
                         f"safetensors (picovlm never loads pickled weights)") from None
@@ -191,7 +208,7 @@ def load_weights(model: SupraVL | NanoVLM, weights_path: Path) -> None:
     # The published model keeps its causal-mask buffers in the state dict; they are derived.
     state = {k: v for k, v in state.items() if not (k.endswith("attn.mask") and k not in expected)}
     check_state_dict(expected, state, str(weights_path), {tied_head_key(model)} if tied_head_key(model) else set())
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)  # the file's tensors become the parameters
     if model.cfg.lm_tie_weights:  # the saved embedding is the head too
         head_owner = model.decoder if isinstance(model, NanoVLM) else model
         head_owner.lm_head.weight = head_owner.tok_emb.weight

@@ -169,7 +169,7 @@ def measure_one(job: dict[str, Any]) -> float:
         torch.cuda.reset_peak_memory_stats()  # the peak restarts at what is allocated now: the weights
     else:
         gc.collect()
-        _reset_peak_rss()
+        reset_peak_rss()
     if not job["weights_only"]:
         inputs = _random_inputs(cfg, B, job["text_tokens"], device)
         if phase == "train":
@@ -182,7 +182,7 @@ def measure_one(job: dict[str, Any]) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Linux: the peak RSS (VmHWM, and so ru_maxrss) restarts at the current RSS."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
