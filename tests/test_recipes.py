@@ -36,7 +36,8 @@ def test_every_preset_recipe_names_real_train_fields() -> None:
         assert set(settings) <= set(TrainConfig().to_dict())
 
 
-def test_issue_3_preset_stays_within_its_parameter_budget() -> None:
+def test_issue_3_presets_stay_within_their_parameter_budgets() -> None:
+    assert SupraVL(get_preset("pico-scratch")).param_counts()["params_unique"] <= 1_000_000
     assert SupraVL(get_preset("pico-mobilenet")).param_counts()["trainable"] <= 2_000_000
 
 
