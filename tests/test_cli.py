@@ -48,8 +48,9 @@ def test_info_with_overrides(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", "supravl-nano", "--set", "lm_n_blokcs=6"]) == 2
     assert "unknown config field" in capsys.readouterr().err
     assert main(["info", "supravl-giant"]) == 2
-    assert ("unknown preset 'supravl-giant'; available presets: nanovlm-222m, pico-mobilenet, supravl-nano"
-            in capsys.readouterr().err)
+    expected = ("unknown preset 'supravl-giant'; available presets: nanovlm-222m, pico-mobilenet, pico-scratch, "
+                "supravl-nano")
+    assert expected in capsys.readouterr().err
 
 
 def test_caption_cli_text_and_json(trained_run: Path, shapes_dir: Path) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import picovlm.config as config_mod
 from picovlm.cli import main
-from picovlm.config import PRESET_TRAIN, PRESETS, TrainConfig, preset_train_config
+from picovlm.config import PRESET_TRAIN, PRESETS, TrainConfig, get_preset, preset_train_config
 from picovlm.errors import UserError
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.train import train_step
@@ -34,6 +34,11 @@ def test_every_preset_recipe_names_real_train_fields() -> None:
         assert name in PRESETS
         preset_train_config(name)  # TrainConfig(**settings) accepts them
         assert set(settings) <= set(TrainConfig().to_dict())
+
+
+def test_issue_3_presets_stay_within_their_parameter_budgets() -> None:
+    assert SupraVL(get_preset("pico-scratch")).param_counts()["params_unique"] <= 1_000_000
+    assert SupraVL(get_preset("pico-mobilenet")).param_counts()["trainable"] <= 2_000_000
 
 
 def test_train_cli_uses_the_preset_recipe(tmp_path: Path, shapes_dir: Path, monkeypatch: pytest.MonkeyPatch,
