@@ -52,7 +52,16 @@ def evaluate_checkpoint(folder: Path, mc_dir: Path, limit: int, dtype: str) -> d
     report = evaluate_multiple_choice(model, rows, batch_size=8, progress=False)
     return {"accuracy": accuracy(report), "per_category": {w: report[w].get("per_category") for w in
                                                              ("likelihood", "generate")},
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since reset_peak_rss: the kernel's VmHWM. (ru_maxrss would also
+    count the parent's peak, which Linux hands to an exec'd child.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
