@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from picovlm.config import VLMConfig
-from picovlm.data.images import _fingerprint, default_cache_dir, normalize, read_array_cache, write_array_cache
+from picovlm.data.images import default_cache_dir, files_fingerprint, normalize, read_array_cache, write_array_cache
 
 
 def backbone_hash(backbone: torch.nn.Module) -> str:
@@ -52,7 +52,7 @@ def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, na
     ident = f"{root.resolve()}|{cfg.img_size}|{cfg.img_mean}|{cfg.img_std}|{cfg.cnn_grid}|{len(names)}|{weights}"
     key = hashlib.sha1(ident.encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"features-{key}.npy", cache_dir / f"features-{key}.json"
-    fingerprint = _fingerprint(root, names)
+    fingerprint = files_fingerprint(root, names)
     cached = read_array_cache(array_path, meta_path, fingerprint, names)
     if cached is not None:
         return cached[0]

@@ -99,7 +99,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PICOVLM_CACHE", Path.home() / ".cache" / "picovlm"))
 
 
-def _fingerprint(root: Path, names: list[str]) -> str:
+def files_fingerprint(root: Path, names: list[str]) -> str:
     h = hashlib.sha1()
     for name in names:
         try:
@@ -120,7 +120,7 @@ def cached_images(root: Path, names: list[str], size: int,
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = hashlib.sha1(f"{root.resolve()}|{size}|{len(names)}".encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
-    fingerprint = _fingerprint(root, names)
+    fingerprint = files_fingerprint(root, names)
     cached = read_array_cache(array_path, meta_path, fingerprint, names)
     if cached is not None:
         return cached[0], np.array(cached[1]["ok"], dtype=bool)
