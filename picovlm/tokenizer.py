@@ -76,13 +76,6 @@ class CaptionTokenizer:
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))
 
-    def to_json(self) -> str:
-        return self.tokenizer.to_str()
-
-    @classmethod
-    def from_json(cls, text: str) -> CaptionTokenizer:
-        return cls(Tokenizer.from_str(text))
-
     def encode(self, caption: str, max_len: int | None = None) -> list[int]:
         """[<bos>, tokens..., <eos>], cut to max_len tokens (the <eos> is dropped when cut)."""
         ids = [self.bos_id, *self.tokenizer.encode(clean_caption(caption)).ids, self.eos_id]

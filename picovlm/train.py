@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+from tokenizers import Tokenizer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
@@ -293,12 +294,17 @@ def prepare_data(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: Caption
     return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device, frozen_encoder)
 
 
-def _shared_tokenizer(captions: Callable[[], Iterable[str]], cfg: VLMConfig, dist_info: DistInfo,
-                      device: str) -> CaptionTokenizer:
+def _shared_tokenizer(train: Callable[[], Tokenizer], dist_info: DistInfo, device: str) -> Tokenizer:
     """One process trains the tokenizer and sends it to the others, so all use the same ids."""
-    trained = CaptionTokenizer.train(captions(), cfg.lm_vocab_size) if dist_info.is_main else None
-    text = broadcast_bytes(trained.to_json().encode() if trained else None, dist_info, device)
-    return trained or CaptionTokenizer.from_json(text.decode())
+    trained = train() if dist_info.is_main else None
+    text = broadcast_bytes(trained.to_str().encode() if trained else None, dist_info, device)
+    return trained or Tokenizer.from_str(text.decode())
+
+
+def _shared_caption_tokenizer(captions: Callable[[], Iterable[str]], cfg: VLMConfig, dist_info: DistInfo,
+                              device: str) -> CaptionTokenizer:
+    train = lambda: CaptionTokenizer.train(captions(), cfg.lm_vocab_size).tokenizer
+    return CaptionTokenizer(_shared_tokenizer(train, dist_info, device))
 
 
 def _prepare_stream(source: str, cfg: VLMConfig, tokenizer: CaptionTokenizer | None, dist_info: DistInfo,
@@ -306,7 +312,7 @@ def _prepare_stream(source: str, cfg: VLMConfig, tokenizer: CaptionTokenizer | N
     train = StreamBatches(source, "train", tokenizer, cfg, dist_info, num_workers)
     dev = StreamBatches(source, "dev", tokenizer, cfg, dist_info, num_workers) if open_split(source, "dev") else None
     if tokenizer is None:
-        tokenizer = _shared_tokenizer(lambda: train.captions(TOKENIZER_CAPTIONS), cfg, dist_info, device)
+        tokenizer = _shared_caption_tokenizer(lambda: train.captions(TOKENIZER_CAPTIONS), cfg, dist_info, device)
     for split in (train, dev):
         if split is not None:
             split.tokenizer = tokenizer
@@ -322,8 +328,8 @@ def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: C
             for split in (train_set, dev_set):
                 cached_images(split.image_dir, split.names, cfg.img_size)
     if tokenizer is None:
-        tokenizer = _shared_tokenizer(lambda: (c for caps in train_set.captions for c in caps), cfg, dist_info,
-                                      device)
+        tokenizer = _shared_caption_tokenizer(lambda: (c for caps in train_set.captions for c in caps), cfg,
+                                              dist_info, device)
     data = Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
                 str(data_dir))
     if frozen_encoder is not None:
@@ -369,14 +375,8 @@ def prepare_vqa_data(data_dir: str | Path | None, model: NanoVLM, dist_info: Dis
 def _shared_chat_tokenizer(rows: Any, model: NanoVLM, dist_info: DistInfo, device: str) -> Any:
     """A byte-level BPE for the conversations with ChatML's special tokens and the image token, trained
     by one process and sent to the others; its image token becomes the model's."""
-    from tokenizers import Tokenizer
-
-    trained = None
-    if dist_info.is_main:
-        texts = (t[key] for row in rows for t in row["texts"] for key in ("user", "assistant"))
-        trained = train_chat_tokenizer(texts, model.cfg.lm_vocab_size)
-    text = broadcast_bytes(trained.to_str().encode() if trained else None, dist_info, device)
-    tokenizer = trained or Tokenizer.from_str(text.decode())
+    texts = lambda: (t[key] for row in rows for t in row["texts"] for key in ("user", "assistant"))
+    tokenizer = _shared_tokenizer(lambda: train_chat_tokenizer(texts(), model.cfg.lm_vocab_size), dist_info, device)
     model.cfg.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)  # at most lm_vocab_size
     return tokenizer
 
