@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from picovlm.data.batches import pad_rows
 from picovlm.errors import UserError
 from picovlm.models.supravl import IGNORE_INDEX
 
@@ -106,14 +107,7 @@ class ChatBatch:
 def collate(examples: list[dict[str, Any]], pad_id: int) -> ChatBatch:
     """examples: {"input_ids", "labels", "images" (n, 3, H, W)} -> one right-padded batch.
     Samples never share a row, so no sample can attend to another (no packing)."""
-    length = max(len(e["input_ids"]) for e in examples)
-    B = len(examples)
-    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
-    labels = torch.full((B, length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros(B, length, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return ChatBatch(input_ids, labels, mask, [e["images"] for e in examples])
+    ids = [e["input_ids"] for e in examples]
+    mask = pad_rows([[1] * len(row) for row in ids], 0)
+    return ChatBatch(pad_rows(ids, pad_id), pad_rows([e["labels"] for e in examples], IGNORE_INDEX), mask,
+                     [e["images"] for e in examples])

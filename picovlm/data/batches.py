@@ -72,9 +72,7 @@ class CaptionBatches:
                           stacklevel=2)
         if not rows:
             raise ValueError("no readable (image, caption) pairs")
-        self.tokens = torch.full((len(rows), max_tokens), tokenizer.pad_id, dtype=torch.long)
-        for r, ids in enumerate(rows):
-            self.tokens[r, :len(ids)] = torch.tensor(ids)
+        self.tokens = pad_rows(rows, tokenizer.pad_id, max_tokens)
         self.lengths = torch.tensor([len(ids) for ids in rows])
         self.image_of = torch.tensor(image_of)
         self.flippable = torch.tensor(flippable)
@@ -113,6 +111,14 @@ class CaptionBatches:
 
     def describe(self) -> str:
         return f"{len(self)} captions"
+
+
+def pad_rows(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """Token lists -> (len(rows), length or the longest) int64, right-padded with `value`."""
+    out = torch.full((len(rows), length or max(map(len, rows))), value, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        out[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
 
 
 def is_flippable(caption: str) -> bool:

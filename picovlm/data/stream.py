@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from picovlm.config import VLMConfig
-from picovlm.data.batches import Batch, is_flippable, shift_targets
+from picovlm.data.batches import Batch, is_flippable, pad_rows, shift_targets
 from picovlm.data.images import decode_image, load_image, resize_square, to_rgb
 from picovlm.distributed import SINGLE_PROCESS, DistInfo
 from picovlm.errors import UserError, first_line
@@ -163,10 +163,7 @@ class StreamBatches:
             flippable.append(is_flippable(caption))
         if not images:
             raise UserError(f"a batch of {len(rows)} samples from {self.source} has no readable image")
-        tokens = torch.full((len(token_rows), max(map(len, token_rows))), self.tokenizer.pad_id, dtype=torch.long)
-        for r, ids in enumerate(token_rows):
-            tokens[r, :len(ids)] = torch.tensor(ids)
-        input_ids, targets = shift_targets(tokens)
+        input_ids, targets = shift_targets(pad_rows(token_rows, self.tokenizer.pad_id))
         return Batch(torch.stack(images), input_ids, targets, torch.tensor(flippable))
 
     @staticmethod
