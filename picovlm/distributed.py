@@ -109,6 +109,12 @@ def broadcast_bytes(data: bytes | None, info: DistInfo, device: str) -> bytes:
     return bytes(buf.cpu().numpy())
 
 
+def barrier(info: DistInfo) -> None:
+    """Wait until every process gets here (no-op in one process)."""
+    if info.enabled:
+        dist.barrier()
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

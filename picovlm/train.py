@@ -47,6 +47,7 @@ from picovlm.distributed import (
     SINGLE_PROCESS,
     DistInfo,
     all_reduce_sum,
+    barrier,
     broadcast_bytes,
     cleanup,
     init_distributed,
@@ -509,7 +510,9 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
     out = Path(out_dir)
     dist_info, device = init_distributed(device or autodetect_device())
     try:
-        return _train(cfg, tc, out, data_dir, resume, device, progress_bar and dist_info.is_main, dist_info)
+        summary = _train(cfg, tc, out, data_dir, resume, device, progress_bar and dist_info.is_main, dist_info)
+        barrier(dist_info)  # rank 0 may still be writing checkpoints: tear the group down together
+        return summary
     finally:
         cleanup(dist_info)
 
