@@ -2,6 +2,7 @@
 
     picovlm demo                      picovlm.demo.run_demo
     picovlm train --preset P ...      picovlm.train.train
+    picovlm scst --model DIR ...      picovlm.scst.self_critical
     picovlm caption IMG --model DIR   picovlm.load(DIR).caption(...)
     picovlm eval --model DIR --data D picovlm.evaluate.evaluate_captions
     picovlm explain IMG --model DIR   picovlm.explain.explain + draw_explanation
@@ -42,7 +43,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None, help="seed for topk/topp sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed for the sampling strategies")
     p.add_argument("--max-new-tokens", type=int, default=None)
 
 
@@ -92,9 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "first)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader worker processes decoding a streamed source (default 0: in this process)")
+    _add_scst_args(p, "after cross-entropy training, fine-tune out/best with SCST into out/scst for N epochs "
+                      "(default: the preset's, else 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("scst", help="fine-tune a trained captioner on CIDEr-D (self-critical sequence training)")
+    p.add_argument("--model", required=True, help="checkpoint folder to start from (e.g. runs/x/best)")
+    p.add_argument("--data", required=True, help="dataset folder (Flickr8k layout) it was trained on")
+    p.add_argument("--out", required=True, help="run folder: best/, last/, metrics.jsonl")
+    _add_scst_args(p, f"epochs (default {SCST_EPOCHS})")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--log-every", type=int, default=TrainConfig.log_every)
+    p.add_argument("--resume", action="store_true", help="continue the SCST run in --out")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("caption", help="caption images with a trained model")
@@ -193,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SCST_EPOCHS = 3  # picovlm scst's default; `train --scst-epochs` defaults to the preset's
+
+
+def _add_scst_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    p.add_argument("--scst-epochs", type=int, default=None, help=epochs_help)
+    p.add_argument("--scst-lr", type=float, default=None, help=f"SCST's peak learning rate (default: the "
+                   f"preset's, else {TrainConfig.scst_lr})")
+    p.add_argument("--scst-samples", type=int, default=None, help=f"captions sampled per image (default "
+                   f"{TrainConfig.scst_samples})")
+    p.add_argument("--scst-images", type=int, default=None, help=f"images per SCST step (default "
+                   f"{TrainConfig.scst_images})")
+
+
+def _scst_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(scst_epochs=args.scst_epochs, scst_lr=args.scst_lr, scst_samples=args.scst_samples,
+                scst_images=args.scst_images)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from picovlm.train import train
 
@@ -203,11 +236,23 @@ def cmd_train(args: argparse.Namespace) -> None:
                              augment=args.augment, save_every=args.save_every, log_every=args.log_every,
                              num_workers=args.num_workers, compile=args.compile, lr_vision=args.lr_vision,
                              lr_projector=args.lr_projector, lr_language=args.lr_language,
-                             freeze=tuple(args.freeze) if args.freeze else None, grad_accum_steps=args.grad_accum)
+                             freeze=tuple(args.freeze) if args.freeze else None, grad_accum_steps=args.grad_accum,
+                             **_scst_settings(args))
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         print(json.dumps(summary, indent=2))
+
+
+def cmd_scst(args: argparse.Namespace) -> None:
+    from picovlm.scst import self_critical
+
+    settings = {k: v for k, v in _scst_settings(args).items() if v is not None}
+    tc = TrainConfig(**{"scst_epochs": SCST_EPOCHS, **settings}, precision=args.precision, seed=args.seed,
+                     log_every=args.log_every)
+    summary = self_critical(args.model, args.data, args.out, tc, resume=args.resume, device=args.device,
+                            progress_bar=not args.no_progress)
+    print(json.dumps(summary, indent=2))
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -367,7 +412,7 @@ def cmd_measure_memory(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2) if args.json else format_table(report, args.preset))
 
 
-COMMANDS = {"train": cmd_train, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
+COMMANDS = {"train": cmd_train, "scst": cmd_scst, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
             "serve": cmd_serve, "sweep": cmd_sweep, "info": cmd_info, "demo": cmd_demo, "data": cmd_data,
             "push-to-hub": cmd_push, "measure-memory": cmd_measure_memory,
             "eval-mc": cmd_eval_mc}

@@ -250,6 +250,13 @@ class TrainConfig:
     # With a frozen backbone and no augmentation, train on its features cached once per image
     # (picovlm.data.features) instead of running it on every batch: same model, same loss.
     feature_cache: bool = True
+    # Second stage (picovlm.scst): self-critical sequence training on CIDEr-D from the best
+    # cross-entropy model, for scst_epochs epochs (0: none) of scst_images images x scst_samples
+    # sampled captions per step, peak learning rate scst_lr.
+    scst_epochs: int = 0
+    scst_lr: float = 5e-5
+    scst_samples: int = 5
+    scst_images: int = 16
     compile: bool = False  # torch.compile the model for training (costs a cold compile at the start)
     num_workers: int = 0  # DataLoader workers for a streamed source (in-memory data needs none)
     log_every: int = 10

@@ -31,7 +31,7 @@ from picovlm.data.images import load_image, normalize, resize_square
 from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
 
-STRATEGIES = ("greedy", "beam", "topk", "topp")
+STRATEGIES = ("greedy", "beam", "sample", "topk", "topp")
 
 
 @dataclass
@@ -122,11 +122,11 @@ def _pick_next(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator
     """(N, V) logits -> (N,) token ids by the configured strategy."""
     if gen.strategy == "greedy":
         return logits.argmax(dim=-1)
-    logits = logits / gen.temperature
+    logits = logits / gen.temperature  # "sample": from the whole distribution
     if gen.strategy == "topk":
         kth = logits.topk(min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    else:  # topp: keep the smallest set of tokens whose probability reaches top_p
+    elif gen.strategy == "topp":  # keep the smallest set of tokens whose probability reaches top_p
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= gen.top_p  # mass before it is enough

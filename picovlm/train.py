@@ -408,12 +408,19 @@ def to_device(batch: Batch | ChatBatch, cfg: VLMConfig, device: str,
         images = torch.cat(batch.images) if batch.images else torch.zeros(0, 0, 0, 3, dtype=torch.uint8)
         pixels = normalize(images, cfg.img_mean, cfg.img_std).to(device) if len(images) else None
         return (batch.input_ids.to(device), pixels, batch.attention_mask.to(device), batch.labels.to(device))
-    if batch.is_features:
-        return batch.images.to(device).float(), batch.input_ids.to(device), batch.targets.to(device)
     transform = (lambda x: augment(x, batch.flippable, aug_draws)) if aug_draws is not None else None
-    images = normalize(batch.images, cfg.img_mean, cfg.img_std, transform)
-    images = images.to(device).contiguous(memory_format=torch.channels_last)  # see to_channels_last
+    images = images_to_device(batch.images, batch.is_features, cfg, device, transform)
     return images, batch.input_ids.to(device), batch.targets.to(device)
+
+
+def images_to_device(images: torch.Tensor, is_features: bool, cfg: VLMConfig, device: str,
+                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 (B, S, S, 3) pixels -> normalised (B, 3, S, S) floats (channels-last, see
+    to_channels_last), transformed if asked; cached backbone features only become float32."""
+    if is_features:
+        return images.to(device).float()
+    pixels = normalize(images, cfg.img_mean, cfg.img_std, transform)
+    return pixels.to(device).contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -509,12 +516,23 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
     Under torchrun, every process runs this; see picovlm.distributed."""
     out = Path(out_dir)
     dist_info, device = init_distributed(device or autodetect_device())
+    if tc.scst_epochs and dist_info.enabled:
+        cleanup(dist_info)
+        raise UserError("SCST runs in one process: train with --scst-epochs 0 under torchrun, then run "
+                        f"picovlm scst --model {out / 'best'} --data {data_dir} --out {out / 'scst'}")
     try:
         summary = _train(cfg, tc, out, data_dir, resume, device, progress_bar and dist_info.is_main, dist_info)
         barrier(dist_info)  # rank 0 may still be writing checkpoints: tear the group down together
-        return summary
     finally:
         cleanup(dist_info)
+    if tc.scst_epochs:  # second stage: fine-tune the best cross-entropy model on CIDEr-D
+        from picovlm.scst import self_critical  # (scst builds on this module)
+
+        scst_last = find_complete_dir(out / "scst" / "last")
+        summary["scst"] = self_critical(out / "best", data_dir, out / "scst", tc, resume=resume and scst_last.exists(),
+                                        device=device, progress_bar=progress_bar)
+        summary["best"] = summary["scst"]["best"]
+    return summary
 
 
 def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | None, resume: bool, device: str,

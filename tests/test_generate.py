@@ -19,6 +19,7 @@ STRATEGY_CASES = [
     GenerationConfig(strategy="greedy"),
     GenerationConfig(strategy="beam", beam_width=3),
     GenerationConfig(strategy="beam", beam_width=4, length_penalty=1.0),
+    GenerationConfig(strategy="sample", temperature=1.1, seed=7),
     GenerationConfig(strategy="topk", top_k=20, temperature=0.9, seed=7),
     GenerationConfig(strategy="topp", top_p=0.8, temperature=1.2, seed=7),
 ]
@@ -83,6 +84,14 @@ def test_topp_with_tiny_p_is_greedy(model_and_pixels) -> None:
     greedy = generate(model, pixels, GenerationConfig(strategy="greedy"))
     assert generate(model, pixels, GenerationConfig(strategy="topp", top_p=1e-6, seed=0)) == greedy
     assert generate(model, pixels, GenerationConfig(strategy="topk", top_k=1, seed=0)) == greedy
+
+
+def test_sample_draws_from_the_whole_distribution(model_and_pixels) -> None:
+    model, pixels = model_and_pixels  # top-k over every token is the same distribution, so the same draws
+    whole = GenerationConfig(strategy="topk", top_k=model.cfg.lm_vocab_size, temperature=3.0, seed=1)
+    sampled = generate(model, pixels, GenerationConfig(strategy="sample", temperature=3.0, seed=1))
+    assert sampled == generate(model, pixels, whole)
+    assert sampled != generate(model, pixels, GenerationConfig(strategy="topk", top_k=2, temperature=3.0, seed=1))
 
 
 def test_bad_generation_settings_are_user_errors(model_and_pixels) -> None:
