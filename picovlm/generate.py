@@ -97,10 +97,17 @@ def _max_steps(model: SupraVL, gen: GenerationConfig) -> int:
 @torch.inference_mode()
 def generate(model: SupraVL, images: torch.Tensor, gen: GenerationConfig | None = None) -> list[list[int]]:
     """images (B, 3, H, W) normalised -> B token lists (no <bos>, cut before <eos>)."""
+    model.eval()
+    return generate_from_visual(model, model.encode_images(images), gen)  # visual tokens (B, P, D)
+
+
+@torch.inference_mode()
+def generate_from_visual(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig | None = None
+                         ) -> list[list[int]]:
+    """generate() for images already encoded: visual (B, P, D) -> B token lists."""
     gen = gen or GenerationConfig()
     gen.validate()
     model.eval()
-    visual = model.encode_images(images)  # (B, P, D)
     start = torch.full((visual.shape[0], 1), model.cfg.bos_token_id, dtype=torch.long, device=visual.device)
     session = _PrefixSession(model, visual, start, gen.use_cache)
     return decode(session, start, gen, model.cfg.eos_token_id, _max_steps(model, gen))

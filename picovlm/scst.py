@@ -42,7 +42,7 @@ from picovlm.checkpoint import from_pretrained, save_pretrained
 from picovlm.config import TrainConfig
 from picovlm.data.batches import CaptionBatches, pad_rows
 from picovlm.errors import UserError
-from picovlm.generate import GenerationConfig, generate
+from picovlm.generate import GenerationConfig, generate, generate_from_visual
 from picovlm.io import find_complete_dir
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.train import (
@@ -146,8 +146,10 @@ def scst_step(model: SupraVL, optimizer: torch.optim.Optimizer, images: torch.Te
     """One SCST optimiser step on a batch of B images (pixels or features on the device)."""
     K = tc.scst_samples
     with autocast_context(precision, device):
-        with torch.no_grad():
-            samples = generate(model, images.repeat_interleave(K, dim=0), GenerationConfig("sample"))
+        model.eval()  # sample from the model as it will caption: no dropout, BatchNorm's running statistics
+        with torch.no_grad():  # each image is encoded once and its visual tokens repeated K times
+            samples = generate_from_visual(model, model.encode_images(images).repeat_interleave(K, dim=0),
+                                           GenerationConfig("sample"))
         model.train()
         texts = [model.tokenizer.decode(ids) for ids in samples]
         rewards = torch.tensor([cider.score(t, prepared_refs[i // K]) for i, t in enumerate(texts)]).view(-1, K)
