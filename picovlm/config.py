@@ -24,6 +24,7 @@ from picovlm.errors import UserError
 
 VISION_TYPES = ("cnn", "mobilenet_v2", "vit")
 LM_TYPES = ("gpt2", "llama")
+TOKENIZER_KINDS = ("bpe", "word")
 
 
 @dataclass
@@ -61,6 +62,9 @@ class VLMConfig:
     lm_n_blocks: int = 3
     lm_inter_dim: int = 256  # width of the MLP's hidden layer
     lm_vocab_size: int = 2048
+    # How a new captioner's tokenizer splits captions (picovlm.tokenizer): "bpe" (byte-level BPE,
+    # never an unknown word) or "word" (the lm_vocab_size - 4 commonest words, the rest <unk>).
+    lm_tokenizer: str = "bpe"
     lm_max_text_len: int = 48  # text positions; the context is n_vis_tokens + this
     lm_dropout: float = 0.0
     lm_tie_weights: bool = True  # lm_head shares the token-embedding matrix
@@ -147,6 +151,8 @@ class VLMConfig:
             raise UserError(
                 f"lm_hidden_dim={self.lm_hidden_dim} is not divisible by lm_n_heads={self.lm_n_heads}"
             )
+        if self.lm_tokenizer not in TOKENIZER_KINDS:
+            raise UserError(f"unknown lm_tokenizer {self.lm_tokenizer!r}; choose one of {', '.join(TOKENIZER_KINDS)}")
         positive = ["lm_hidden_dim", "lm_n_heads", "lm_n_blocks", "lm_inter_dim", "lm_vocab_size", "lm_max_text_len"]
         if self.lm_type == "llama":
             positive += ["lm_n_kv_heads", "lm_rms_eps", "lm_re_base", "lm_max_position_embeddings"]

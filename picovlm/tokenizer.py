@@ -1,9 +1,15 @@
-"""Byte-level BPE tokenizer trained on the training captions (Hugging Face `tokenizers`).
+"""The captioner's tokenizer, trained on the training captions (Hugging Face `tokenizers`).
 
 Special tokens have fixed ids, the published model's defaults: <pad> = 0, <bos> = 1,
-<eos> = 2. Byte-level BPE never meets an unknown character, and its decoder gives back
-exactly the text it was given; captions are cleaned before training and encoding (see
-`clean_caption`), so decoded captions are clean text too.
+<eos> = 2. Two kinds (cfg.lm_tokenizer):
+
+- "bpe" (the default, the published model's): byte-level BPE never meets an unknown
+  character, and its decoder gives back exactly the text it was given;
+- "word": one token per word (split at spaces), the commonest words of the training captions;
+  a rarer word becomes <unk> (id 3), which decoding drops.
+
+Captions are cleaned before training and encoding (see `clean_caption`), so decoded captions
+are clean text too.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from picovlm.errors import UserError
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]  # ids 0, 1, 2 in this order
+UNK = "<unk>"  # (word-level only) id 3: a word outside the vocabulary
 
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:'])")
 _SPACES = re.compile(r"\s+")
@@ -51,16 +58,23 @@ class CaptionTokenizer:
         return self.tokenizer.get_vocab_size()
 
     @classmethod
-    def train(cls, captions: Iterable[str], vocab_size: int = 2048) -> CaptionTokenizer:
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=SPECIAL_TOKENS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
+    def train(cls, captions: Iterable[str], vocab_size: int = 2048, kind: str = "bpe") -> CaptionTokenizer:
+        """A tokenizer of `kind` ("bpe" or "word") with at most vocab_size tokens, special ones included."""
+        if kind == "word":
+            tok = Tokenizer(models.WordLevel(unk_token=UNK))
+            tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # decoding joins words with spaces
+            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, UNK],
+                                                show_progress=False)
+        else:
+            tok = Tokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=SPECIAL_TOKENS,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
         tok.train_from_iterator((clean_caption(c) for c in captions), trainer=trainer)
         return cls(tok)
 

@@ -304,7 +304,7 @@ def _shared_tokenizer(train: Callable[[], Tokenizer], dist_info: DistInfo, devic
 
 def _shared_caption_tokenizer(captions: Callable[[], Iterable[str]], cfg: VLMConfig, dist_info: DistInfo,
                               device: str) -> CaptionTokenizer:
-    train = lambda: CaptionTokenizer.train(captions(), cfg.lm_vocab_size).tokenizer
+    train = lambda: CaptionTokenizer.train(captions(), cfg.lm_vocab_size, cfg.lm_tokenizer).tokenizer
     return CaptionTokenizer(_shared_tokenizer(train, dist_info, device))
 
 

@@ -53,3 +53,15 @@ def test_round_trip_of_any_clean_text(text: str) -> None:
 
 
 _TOK = CaptionTokenizer.train(CAPTIONS, vocab_size=320)
+
+
+def test_word_level_keeps_common_words_and_drops_rare_ones(tmp_path: Path) -> None:
+    n_words = len({w for c in CAPTIONS for w in clean_caption(c).split()})  # each seen 20 times or more
+    tok = CaptionTokenizer.train(CAPTIONS + ["a zebra"], vocab_size=4 + n_words, kind="word")
+    assert tok.vocab_size == 4 + n_words and tok.tokenizer.id_to_token(3) == "<unk>"
+    ids = tok.encode("A black dog jumps over the zebra .")
+    assert len(ids) == 2 + 7  # one token per word, <bos> and <eos>
+    assert ids.count(3) == 1  # "zebra", seen once, is not among the commonest words
+    assert tok.decode(ids[1:]) == "a black dog jumps over the"  # <unk> is dropped
+    tok.save(tmp_path / "tokenizer.json")
+    assert CaptionTokenizer.from_file(tmp_path / "tokenizer.json").encode("a dog runs") == tok.encode("a dog runs")

@@ -165,3 +165,16 @@ def test_precision_choice_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("fp16", "cuda:0") == "fp16" and resolve_precision("auto", "mps") == "fp32"
     with pytest.raises(UserError, match="fp16 training needs a CUDA GPU"):
         resolve_precision("fp16", "cpu")
+
+
+def test_a_word_level_captioner_trains_saves_and_captions(tmp_path: Path, shapes_dir: Path) -> None:
+    from picovlm.checkpoint import from_pretrained
+
+    cfg = tiny_config(lm_tokenizer="word", lm_vocab_size=64)
+    train(cfg, TrainConfig(epochs=1, batch_size=32), tmp_path / "run", data_dir=shapes_dir, progress_bar=False)
+    model = from_pretrained(tmp_path / "run" / "best")
+    assert model.cfg.lm_tokenizer == "word" and model.tokenizer.tokenizer.id_to_token(3) == "<unk>"
+    words = model.tokenizer.tokenizer.get_vocab()
+    assert all(" " not in w for w in words) and "circle" in words  # whole words of the shapes captions
+    with pytest.raises(UserError, match="lm_tokenizer"):
+        tiny_config(lm_tokenizer="chars").validate()
