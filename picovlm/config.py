@@ -252,6 +252,7 @@ class TrainConfig:
     lr_projector: float | None = None
     lr_language: float | None = None
     freeze: tuple[str, ...] = ()
+    ema_decay: float = 0.0  # > 0: validate and save best/ with an average of the weights (train.WeightEMA)
     grad_accum_steps: int = 1  # a batch as this many micro-batches, one optimiser step (less memory)
     # With a frozen backbone and no augmentation, train on its features cached once per image
     # (picovlm.data.features) instead of running it on every batch: same model, same loss.

@@ -45,7 +45,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, shapes_dir: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config(lm_dropout=0.1)  # dropout and augmentation make the RNG state matter
-    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, warmup_steps=3, augment=True, seed=5)
+    tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, warmup_steps=3, augment=True, seed=5, ema_decay=0.9)
     train(cfg, tc, tmp_path / "full", data_dir=shapes_dir, progress_bar=False)
 
     real_get_lr = train_mod.get_lr
@@ -63,10 +63,11 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, shapes_dir
     assert state["progress"]["step"] == 12  # the step under way was finished, then saved
     summary = train(cfg, tc, tmp_path / "cut", data_dir=shapes_dir, resume=True, progress_bar=False)
     assert summary["steps"] == 16
-    full, resumed = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "cut" / "last")
-    assert full.keys() == resumed.keys()
-    for k in full:
-        assert torch.equal(full[k], resumed[k]), k
+    for folder in ("last", "best"):  # best/ holds the weight average, which must resume too
+        full, resumed = _weights(tmp_path / "full" / folder), _weights(tmp_path / "cut" / folder)
+        assert full.keys() == resumed.keys()
+        for k in full:
+            assert torch.equal(full[k], resumed[k]), (folder, k)
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path: Path, trained_run: Path,
@@ -178,3 +179,30 @@ def test_a_word_level_captioner_trains_saves_and_captions(tmp_path: Path, shapes
     assert all(" " not in w for w in words) and "circle" in words  # whole words of the shapes captions
     with pytest.raises(UserError, match="lm_tokenizer"):
         tiny_config(lm_tokenizer="chars").validate()
+
+
+def test_weight_ema_averages_and_puts_the_weights_back() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = train_mod.WeightEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    start = ema.shadow["weight"].clone()
+    ema.update(model)  # d = min(0.5, 1/10): the first steps follow the weights closely
+    torch.testing.assert_close(ema.shadow["weight"], start * 0.1)
+    for _ in range(20):
+        ema.update(model)
+    assert ema.steps == 21
+    with ema.applied(model):
+        torch.testing.assert_close(model.weight, ema.shadow["weight"])
+    assert torch.equal(model.weight, torch.zeros(1, 2))
+
+
+def test_best_checkpoint_holds_the_weight_average(tmp_path: Path, shapes_dir: Path) -> None:
+    tc = TrainConfig(epochs=1, batch_size=32, lr=3e-3, ema_decay=0.8)
+    train(tiny_config(), tc, tmp_path / "run", data_dir=shapes_dir, progress_bar=False)
+    best, last = _weights(tmp_path / "run" / "best"), _weights(tmp_path / "run" / "last")
+    state = load_file(str(tmp_path / "run" / "last" / "training_state.safetensors"))
+    averaged = [name for name in best if f"ema.{name}" in state]
+    assert len(averaged) > 10
+    for name in averaged:  # trained tensors: the average, not the last step's
+        assert torch.equal(best[name], state[f"ema.{name}"]) and not torch.equal(best[name], last[name]), name
