@@ -519,10 +519,14 @@ def restore_training_state(folder: Path, optimizer: torch.optim.Optimizer,
     aug_rng.set_state(tensors["rng.augment"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
+    ema_steps = meta["progress"].pop("ema_steps", None)
     if ema is not None:
+        if ema_steps is None:
+            raise UserError(f"{folder} was saved without a weight average: resume without --ema, or start a "
+                            f"new run in another --out folder")
         for name, t in ema.shadow.items():
             t.copy_(tensors[f"ema.{name}"])
-        ema.steps = meta["progress"].pop("ema_steps")
+        ema.steps = ema_steps
     return meta["progress"]
 
 

@@ -197,9 +197,12 @@ def test_weight_ema_averages_and_puts_the_weights_back() -> None:
     assert torch.equal(model.weight, torch.zeros(1, 2))
 
 
-def test_best_checkpoint_holds_the_weight_average(tmp_path: Path, shapes_dir: Path) -> None:
+def test_best_checkpoint_holds_the_weight_average(tmp_path: Path, shapes_dir: Path, trained_run: Path) -> None:
     tc = TrainConfig(epochs=1, batch_size=32, lr=3e-3, ema_decay=0.8)
     train(tiny_config(), tc, tmp_path / "run", data_dir=shapes_dir, progress_bar=False)
+    with pytest.raises(UserError, match="without a weight average"):  # trained_run had no --ema
+        train(tiny_config(), TrainConfig(epochs=41, ema_decay=0.9), trained_run, data_dir=shapes_dir,
+              resume=True, progress_bar=False)
     best, last = _weights(tmp_path / "run" / "best"), _weights(tmp_path / "run" / "last")
     state = load_file(str(tmp_path / "run" / "last" / "training_state.safetensors"))
     averaged = [name for name in best if f"ema.{name}" in state]
