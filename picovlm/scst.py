@@ -269,12 +269,7 @@ def self_critical(init_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
             save(best, dev)
     except KeyboardInterrupt:
         bar.close()
-        if stop.forced or not stop.requested:
-            raise UserError(f"stopped at once; {out / 'last'} holds the last checkpoint; continue from it with "
-                            f"the same command plus --resume") from None
-        save(best=False, dev=dev)
-        raise UserError(f"interrupted after SCST step {step}; progress saved in {out / 'last'}; "
-                        f"continue with the same command plus --resume") from None
+        raise stop.error(out, lambda: save(best=False, dev=dev), f"SCST step {step}") from None
     finally:
         stop.restore()
         bar.close()

@@ -166,6 +166,17 @@ class StopOnInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 
+    def error(self, out: Path, save_last: Callable[[], None], where: str) -> UserError:
+        """The one-line error that ends an interrupted run in `out`. After a first Ctrl-C the step
+        has finished: save_last() saves it and the user is told how to resume. After a second one,
+        or a KeyboardInterrupt from elsewhere, a step may be half done, so nothing is saved."""
+        if self.forced or not self.requested:
+            return UserError(f"stopped at once; {out / 'last'} holds the last checkpoint; continue from it with "
+                             f"the same command plus --resume")
+        save_last()
+        return UserError(f"interrupted after {where}; progress saved in {out / 'last'}; "
+                         f"continue with the same command plus --resume")
+
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                batch: tuple[torch.Tensor, ...], tc: TrainConfig, precision: str, device: str, step: int,
@@ -729,12 +740,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                 plot_losses(metrics_path, out / "loss.png")
     except KeyboardInterrupt:
         bar.close()
-        if stop.forced or not stop.requested:  # a second Ctrl-C, or a plain KeyboardInterrupt: maybe torn
-            raise UserError(f"stopped at once; {out / 'last'} holds the last checkpoint; continue from it with "
-                            f"the same command plus --resume") from None
-        save(best=False)
-        raise UserError(f"interrupted after step {step}; progress saved in {out / 'last'}; "
-                        f"continue with the same command plus --resume") from None
+        raise stop.error(out, lambda: save(best=False), f"step {step}") from None
     finally:
         stop.restore()
         bar.close()

@@ -15,6 +15,7 @@ from picovlm.generate import GenerationConfig
 from picovlm.models import build_model
 from picovlm.models.nanovlm import NanoVLM
 from picovlm.models.supravl import IGNORE_INDEX
+from tests.conftest import ctrl_c_during_step
 
 # The blog's Table 1 (seeds/003): iteration -> (lm_hidden_dim, lm_inter_dim, lm_n_heads, lm_n_kv_heads,
 # vit_inter_dim) with one block and one ViT head everywhere, and the LLM / ViT sizes it reports.
@@ -209,28 +210,15 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path: Path, vqa_dir: Path
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, vqa_dir: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import signal
-
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, vqa_dir: Path) -> None:
     from safetensors.torch import load_file
 
     import picovlm.train as train_mod
     from picovlm.errors import UserError
 
     _train_tiny(tmp_path / "full", vqa_dir, max_steps=10)
-    real_get_lr = train_mod.get_lr
-
-    def ctrl_c_during_step_4(step: int, total: int, tc: object) -> float:
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_get_lr(step, total, tc)
-
-    monkeypatch.setattr(train_mod, "get_lr", ctrl_c_during_step_4)
-    with pytest.raises(UserError, match="interrupted after step 5"):
+    with ctrl_c_during_step(train_mod, 4), pytest.raises(UserError, match="interrupted after step 5"):
         _train_tiny(tmp_path / "cut", vqa_dir, max_steps=10)
-    monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
     from picovlm.config import TrainConfig
     from picovlm.train import train as run
 

@@ -4,8 +4,6 @@ reward, and a run that writes, selects and resumes like `picovlm train`."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from picovlm.errors import UserError
 from picovlm.models import build_model
 from picovlm.scst import CiderD, scst_step, self_critical, sequence_log_probs
 from picovlm.train import train
-from tests.conftest import tiny_config
+from tests.conftest import ctrl_c_during_step, tiny_config
 
 REFS = [["a dog runs on the grass", "a brown dog is running", "the dog plays outside"],
         ["two children swim in a pool", "kids are swimming", "a child jumps into the water"],
@@ -80,8 +78,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_scst_run_selects_on_dev_cider_and_resumes_exactly(tmp_path: Path, trained_run: Path, shapes_dir: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scst_run_selects_on_dev_cider_and_resumes_exactly(tmp_path: Path, trained_run: Path,
+                                                         shapes_dir: Path) -> None:
     tc = TrainConfig(scst_epochs=2, scst_lr=1e-3, scst_images=32, scst_samples=3, log_every=1, seed=4)
     summary = self_critical(trained_run / "best", shapes_dir, tmp_path / "full", tc, progress_bar=False)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -91,17 +89,8 @@ def test_scst_run_selects_on_dev_cider_and_resumes_exactly(tmp_path: Path, train
     assert (tmp_path / "full" / "best" / "model.safetensors").is_file()
     assert all("reward" in r for r in rows if "loss" in r) and summary["scst_steps"] == 8
 
-    real_get_lr = scst_mod.get_lr
-
-    def ctrl_c_during_step_5(step: int, total: int, tc: TrainConfig) -> float:
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_get_lr(step, total, tc)
-
-    monkeypatch.setattr(scst_mod, "get_lr", ctrl_c_during_step_5)
-    with pytest.raises(UserError, match="interrupted after SCST step 6.*--resume"):
+    with ctrl_c_during_step(scst_mod, 5), pytest.raises(UserError, match="interrupted after SCST step 6.*--resume"):
         self_critical(trained_run / "best", shapes_dir, tmp_path / "cut", tc, progress_bar=False)
-    monkeypatch.setattr(scst_mod, "get_lr", real_get_lr)
     with pytest.raises(UserError, match="already holds an SCST run"):
         self_critical(trained_run / "best", shapes_dir, tmp_path / "cut", tc, progress_bar=False)
     self_critical(trained_run / "best", shapes_dir, tmp_path / "cut", tc, resume=True, progress_bar=False)

@@ -17,7 +17,7 @@ from picovlm.distributed import DistInfo
 from picovlm.errors import UserError
 from picovlm.tokenizer import CaptionTokenizer
 from picovlm.train import train
-from tests.conftest import tiny_config
+from tests.conftest import ctrl_c_during_step, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +114,7 @@ def test_hf_parquet_folder(tmp_path: Path, shapes_dir: Path) -> None:
         StreamBatches(f"hf:{tmp_path / 'missing'}", "train", tok, tiny_config())
 
 
-def test_interrupted_stream_run_resumes_to_identical_weights(tmp_path: Path, shards: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import signal
+def test_interrupted_stream_run_resumes_to_identical_weights(tmp_path: Path, shards: Path) -> None:
 
     import torch
     from safetensors.torch import load_file
@@ -126,17 +123,8 @@ def test_interrupted_stream_run_resumes_to_identical_weights(tmp_path: Path, sha
 
     tc = TrainConfig(max_steps=20, batch_size=16, lr=2e-3, warmup_steps=3, augment=True, seed=5)
     train(tiny_config(), tc, tmp_path / "full", data_dir=shards, progress_bar=False)
-    real_get_lr = train_mod.get_lr
-
-    def ctrl_c_during_step_6(step: int, total: int, tc: TrainConfig) -> float:
-        if step == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_get_lr(step, total, tc)
-
-    monkeypatch.setattr(train_mod, "get_lr", ctrl_c_during_step_6)
-    with pytest.raises(UserError, match="interrupted after step 7"):
+    with ctrl_c_during_step(train_mod, 6), pytest.raises(UserError, match="interrupted after step 7"):
         train(tiny_config(), tc, tmp_path / "cut", data_dir=shards, progress_bar=False)
-    monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
     assert train(tiny_config(), tc, tmp_path / "cut", data_dir=shards, resume=True, progress_bar=False)["steps"] == 20
     full, resumed = (load_file(str(tmp_path / run / "last" / "model.safetensors")) for run in ("full", "cut"))
     assert all(torch.equal(full[k], resumed[k]) for k in full)

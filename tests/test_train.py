@@ -17,7 +17,7 @@ from picovlm.config import TrainConfig
 from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
 from picovlm.train import get_lr, train
-from tests.conftest import tiny_config
+from tests.conftest import ctrl_c_during_step, tiny_config
 
 
 def test_trained_run_learns_and_writes_everything(trained_run: Path) -> None:
@@ -42,23 +42,14 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, shapes_dir: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_resumes_to_identical_weights(tmp_path: Path, shapes_dir: Path) -> None:
     cfg = tiny_config(lm_dropout=0.1)  # dropout and augmentation make the RNG state matter
     tc = TrainConfig(epochs=2, batch_size=32, lr=2e-3, warmup_steps=3, augment=True, seed=5, ema_decay=0.9)
     train(cfg, tc, tmp_path / "full", data_dir=shapes_dir, progress_bar=False)
 
-    real_get_lr = train_mod.get_lr
-
-    def ctrl_c_during_step_11(step: int, total: int, tc: TrainConfig) -> float:
-        if step == 11:  # in the middle of the second epoch, as a user's Ctrl-C would arrive
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_get_lr(step, total, tc)
-
-    monkeypatch.setattr(train_mod, "get_lr", ctrl_c_during_step_11)
-    with pytest.raises(UserError, match="interrupted after step 12.*--resume"):
+    # Ctrl-C in the middle of the second epoch
+    with ctrl_c_during_step(train_mod, 11), pytest.raises(UserError, match="interrupted after step 12.*--resume"):
         train(cfg, tc, tmp_path / "cut", data_dir=shapes_dir, progress_bar=False)
-    monkeypatch.setattr(train_mod, "get_lr", real_get_lr)
     state = json.loads((tmp_path / "cut" / "last" / "training_state.json").read_text())
     assert state["progress"]["step"] == 12  # the step under way was finished, then saved
     summary = train(cfg, tc, tmp_path / "cut", data_dir=shapes_dir, resume=True, progress_bar=False)
