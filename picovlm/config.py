@@ -291,8 +291,8 @@ def pico_mobilenet() -> VLMConfig:
 def pico_scratch() -> VLMConfig:
     """supravl-nano with a fourth, wider convolution (24/48/96/192 channels, 112 px -> 7x7 -> 4x4
     grid), everything trained from scratch: 0.91 M unique parameters, under issue #3's 1 M budget.
-    Trained with its recipe (PRESET_TRAIN) it ties supravl-nano's seed recipe rather than beating
-    it (docs/ablations.md)."""
+    Trained with its recipe (PRESET_TRAIN) it beats supravl-nano's seed recipe by a point of
+    BLEU-4, far from issue #3's target of 16 (docs/ablations.md)."""
     return VLMConfig(cnn_channels=(24, 48, 96, 192))
 
 
@@ -326,8 +326,9 @@ PRESET_TRAIN: dict[str, dict[str, Any]] = {
     # brings the dev loss to 2.99 and beam-3 BLEU-4 from 18.2 to 19.1; best/ keeps epoch 4.
     "pico-mobilenet": {"epochs": 6, "lr": 1e-3, "label_smoothing": 0.1, "ema_decay": 0.999},
     # Without augmentation the wider CNN overfits from epoch 6 on (dev loss 3.17, rising); with it
-    # the dev loss still falls at epoch 8 (3.08).
-    "pico-scratch": {"epochs": 8, "lr": 1e-3, "label_smoothing": 0.1, "augment": True},
+    # the dev loss still falls at epoch 8 (3.08). With the weight average and 12 epochs it reaches
+    # 3.02 (epoch 9) and beam-3 BLEU-4 12.3, in 23 minutes on one core.
+    "pico-scratch": {"epochs": 12, "lr": 1e-3, "label_smoothing": 0.1, "augment": True, "ema_decay": 0.999},
 }
 
 
