@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SCST_EPOCHS = 3  # picovlm scst's default; `train --scst-epochs` defaults to the preset's
+SCST_EPOCHS = 2  # picovlm scst's default; `train --scst-epochs` defaults to the preset's
 
 
 def _add_scst_args(p: argparse.ArgumentParser, epochs_help: str) -> None:

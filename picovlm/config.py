@@ -261,7 +261,7 @@ class TrainConfig:
     # cross-entropy model, for scst_epochs epochs (0: none) of scst_images images x scst_samples
     # sampled captions per step, peak learning rate scst_lr.
     scst_epochs: int = 0
-    scst_lr: float = 5e-5
+    scst_lr: float = 1e-4
     scst_samples: int = 5
     scst_images: int = 16
     compile: bool = False  # torch.compile the model for training (costs a cold compile at the start)
