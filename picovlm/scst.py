@@ -204,7 +204,8 @@ def self_critical(init_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         raise UserError("SCST fine-tunes captioners (the SupraVL family); a NanoVLM checkpoint was given")
     torch.manual_seed(tc.seed)
     data = prepare_data(data_dir, model.cfg, model.tokenizer, device=device,
-                        frozen_encoder=model.vis_enc if uses_feature_cache(model, tc) else None)
+                        frozen_encoder=model.vis_enc if uses_feature_cache(model, tc) else None,
+                        progress=progress_bar)
     if not isinstance(data.train, CaptionBatches):
         raise UserError("SCST needs a Flickr8k-layout folder (every reference of an image at hand), not a stream")
     train_set = data.train

@@ -296,14 +296,15 @@ class Data:
 
 def prepare_data(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
                  dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu", num_workers: int = 0,
-                 frozen_encoder: torch.nn.Module | None = None) -> Data:
+                 frozen_encoder: torch.nn.Module | None = None, progress: bool = True) -> Data:
     """Splits, tokenizer (trained on the train captions unless given) and batches: in memory for a
     Flickr8k-layout folder (default: the built-in shapes set), streamed for shards or hf:NAME.
 
-    With a frozen_encoder (see uses_feature_cache), in-memory batches carry its cached backbone features."""
+    With a frozen_encoder (see uses_feature_cache), in-memory batches carry its cached backbone features.
+    progress: show progress bars while the image and feature caches are built."""
     if is_stream(data_dir):
         return _prepare_stream(str(data_dir), cfg, tokenizer, dist_info, device, num_workers)
-    return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device, frozen_encoder)
+    return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device, frozen_encoder, progress)
 
 
 def _shared_tokenizer(train: Callable[[], Tokenizer], dist_info: DistInfo, device: str) -> Tokenizer:
@@ -332,23 +333,24 @@ def _prepare_stream(source: str, cfg: VLMConfig, tokenizer: CaptionTokenizer | N
 
 
 def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
-                       dist_info: DistInfo, device: str, frozen_encoder: torch.nn.Module | None) -> Data:
+                       dist_info: DistInfo, device: str, frozen_encoder: torch.nn.Module | None,
+                       progress: bool) -> Data:
     with main_process_first(dist_info):  # one process generates/caches, the others then read
         data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
         if dist_info.enabled:
             for split in (train_set, dev_set):
-                cached_images(split.image_dir, split.names, cfg.img_size)
+                cached_images(split.image_dir, split.names, cfg.img_size, progress=progress)
     if tokenizer is None:
         tokenizer = _shared_caption_tokenizer(lambda: (c for caps in train_set.captions for c in caps), cfg,
                                               dist_info, device)
-    data = Data(CaptionBatches(train_set, tokenizer, cfg), CaptionBatches(dev_set, tokenizer, cfg), tokenizer,
-                str(data_dir))
+    data = Data(CaptionBatches(train_set, tokenizer, cfg, progress=progress),
+                CaptionBatches(dev_set, tokenizer, cfg, progress=progress), tokenizer, str(data_dir))
     if frozen_encoder is not None:
         with main_process_first(dist_info):
             for split, batches in ((train_set, data.train), (dev_set, data.dev)):
                 batches.use_features(cached_features(frozen_encoder, batches.images.numpy(), split.image_dir,
-                                                     split.names, cfg, device=device))
+                                                     split.names, cfg, device=device, progress=progress))
     return data
 
 
@@ -627,7 +629,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         data = prepare_vqa_data(data_dir, model, dist_info, device)
     else:  # a new SupraVL has no tokenizer yet: it is trained here
         data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers,
-                            model.vis_enc if uses_feature_cache(model, tc) else None)
+                            model.vis_enc if uses_feature_cache(model, tc) else None, progress_bar)
         to_channels_last(model)
     data_path = data.path
     model.tokenizer = data.tokenizer

@@ -74,6 +74,18 @@ def test_batches_from_the_cache_give_the_pixel_paths_loss(shapes_dir: Path, prec
     assert torch.equal(input_ids, next(pixels.train.epoch(4, seed=0)).input_ids)
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_cache_progress_bars_follow_the_progress_switch(tmp_path: Path, shapes_dir: Path, progress: bool,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PICOVLM_CACHE", str(tmp_path))  # empty: both caches are built here
+    model = tiny_mobilenet()
+    prepare_data(shapes_dir, model.cfg, None, frozen_encoder=model.vis_enc, progress=progress)
+    err = capsys.readouterr().err
+    for bar in ("caching images", "caching backbone features"):
+        assert (bar in err) == progress, err
+
+
 def test_cache_is_rebuilt_when_images_or_weights_change(tmp_path: Path, shapes_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_mobilenet()

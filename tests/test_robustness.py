@@ -183,7 +183,7 @@ def test_collation_pads_and_masks_correctly(captions: list[str], max_text: int) 
     import picovlm.data.batches as batches_mod
 
     original = batches_mod.cached_images
-    batches_mod.cached_images = lambda root, names, size, cache_dir=None: (
+    batches_mod.cached_images = lambda root, names, size, *cache_dir_and_progress: (
         np.zeros((1, size, size, 3), np.uint8), np.ones(1, bool))
     try:
         import warnings

@@ -51,8 +51,8 @@ class Batch:
 
 class CaptionBatches:
     def __init__(self, data: CaptionSet, tokenizer: CaptionTokenizer, cfg: VLMConfig,
-                 cache_dir: Path | None = None):
-        images, ok = cached_images(data.image_dir, data.names, cfg.img_size, cache_dir)
+                 cache_dir: Path | None = None, progress: bool = True):
+        images, ok = cached_images(data.image_dir, data.names, cfg.img_size, cache_dir, progress)
         self.images = torch.from_numpy(np.array(images))  # (N, S, S, 3) uint8, copied into RAM
         self.references = data.captions
         self.names = data.names

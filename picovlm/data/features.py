@@ -40,7 +40,8 @@ def backbone_hash(backbone: torch.nn.Module) -> str:
 
 
 def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, names: list[str], cfg: VLMConfig,
-                    cache_dir: Path | None = None, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
+                    cache_dir: Path | None = None, batch_size: int = 32, device: str = "cpu",
+                    progress: bool = True) -> np.ndarray:
     """`encoder.backbone_features` of every image, (N, grid*grid, C) float16, cached on disk.
 
     images (N, S, S, 3) uint8 are the cached pixels of `root/name` for each name (unreadable ones
@@ -56,7 +57,7 @@ def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, na
     cached = read_array_cache(array_path, meta_path, fingerprint, names)
     if cached is not None:
         return cached[0]
-    out = _compute(encoder, images, cfg, batch_size, device)
+    out = _compute(encoder, images, cfg, batch_size, device, progress)
     write_array_cache(array_path, meta_path, out, {"root": str(root.resolve()), "size": cfg.img_size,
                                                    "grid": cfg.cnn_grid, "backbone_sha1": weights, "names": names,
                                                    "fingerprint": fingerprint})
@@ -65,12 +66,12 @@ def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, na
 
 @torch.no_grad()
 def _compute(encoder: torch.nn.Module, images: np.ndarray, cfg: VLMConfig, batch_size: int,
-             device: str) -> np.ndarray:
+             device: str, progress: bool) -> np.ndarray:
     was_training = encoder.training
     encoder.eval()
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="caching backbone features", unit="batch",
-                      leave=False):
+                      leave=False, disable=not progress):
         x = torch.from_numpy(np.array(images[start:start + batch_size]))  # (b, S, S, 3) uint8
         x = normalize(x, cfg.img_mean, cfg.img_std).to(device).contiguous(memory_format=torch.channels_last)
         chunks.append(encoder.backbone_features(x).to("cpu", torch.float16).numpy())  # (b, P, C)

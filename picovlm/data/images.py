@@ -110,8 +110,8 @@ def files_fingerprint(root: Path, names: list[str]) -> str:
     return h.hexdigest()
 
 
-def cached_images(root: Path, names: list[str], size: int,
-                  cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def cached_images(root: Path, names: list[str], size: int, cache_dir: Path | None = None,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Decode `root/name` for every name into a (N, size, size, 3) uint8 array, cached on disk.
 
     Returns (images, ok): ok[i] is False where the file could not be read; those files are
@@ -127,7 +127,8 @@ def cached_images(root: Path, names: list[str], size: int,
     images = np.zeros((len(names), size, size, 3), dtype=np.uint8)
     ok = np.ones(len(names), dtype=bool)
     failures: list[str] = []
-    for i, name in enumerate(tqdm(names, desc=f"caching images at {size}px", unit="img", leave=False)):
+    bar = tqdm(names, desc=f"caching images at {size}px", unit="img", leave=False, disable=not progress)
+    for i, name in enumerate(bar):
         try:
             images[i] = resize_square(load_image(root / name), size)
         except UserError as e:
