@@ -21,8 +21,8 @@ import torch
 import picovlm
 from benchmarks.published_supravl import generate_beam, generate_greedy, load_published
 from picovlm.data.flickr8k import load_split
+from picovlm.data.prepare import default_data_dir
 from picovlm.generate import GenerationConfig, generate, preprocess
-from picovlm.train import default_data_dir
 
 
 def timed(fn: Callable[[torch.Tensor], list[str]], pixels: torch.Tensor) -> tuple[float, list[str]]:

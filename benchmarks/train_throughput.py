@@ -37,11 +37,11 @@ from picovlm.config import TrainConfig, supravl_nano
 from picovlm.data.batches import Batch, CaptionBatches
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import load_image, normalize, resize_square
+from picovlm.data.prepare import default_data_dir
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 from picovlm.train import (
     configure_optimizer,
-    default_data_dir,
     get_lr,
     resolve_precision,
     to_channels_last,

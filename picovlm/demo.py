@@ -11,9 +11,10 @@ from typing import Any
 from picovlm.checkpoint import from_pretrained
 from picovlm.config import TrainConfig, supravl_nano
 from picovlm.data.flickr8k import load_split
+from picovlm.data.prepare import default_data_dir
 from picovlm.data.shapes import score_captions
 from picovlm.models.supravl import SupraVL
-from picovlm.train import default_data_dir, train
+from picovlm.train import train
 
 
 def shapes_accuracy(model: SupraVL, data_dir: Path, split: str = "dev", strategy: str = "greedy") -> dict[str, Any]:

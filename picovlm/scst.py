@@ -41,6 +41,7 @@ from tqdm import tqdm
 from picovlm.checkpoint import from_pretrained, save_pretrained
 from picovlm.config import TrainConfig
 from picovlm.data.batches import CaptionBatches, pad_rows
+from picovlm.data.prepare import prepare_data, uses_feature_cache
 from picovlm.errors import UserError
 from picovlm.generate import GenerationConfig, generate, generate_from_visual
 from picovlm.io import find_complete_dir
@@ -53,11 +54,9 @@ from picovlm.train import (
     configure_optimizer,
     get_lr,
     images_to_device,
-    prepare_data,
     resolve_precision,
     restore_training_state,
     training_state_files,
-    uses_feature_cache,
 )
 
 NGRAMS = 4  # CIDEr uses 1- to 4-grams

@@ -17,9 +17,10 @@ from picovlm.config import TrainConfig
 from picovlm.data.features import backbone_hash, cached_features
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, normalize
+from picovlm.data.prepare import prepare_data, uses_feature_cache
 from picovlm.models.mobilenet_v2 import MobileNetV2
 from picovlm.models.supravl import SupraVL
-from picovlm.train import evaluate_loss, prepare_data, to_device, train, uses_feature_cache
+from picovlm.train import evaluate_loss, to_device, train
 from tests.conftest import tiny_config
 
 
