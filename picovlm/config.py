@@ -257,6 +257,10 @@ class TrainConfig:
     # With a frozen backbone and no augmentation, train on its features cached once per image
     # (picovlm.data.features) instead of running it on every batch: same model, same loss.
     feature_cache: bool = True
+    # With the feature cache, also cache the features of every training image mirrored, and serve
+    # them in place of the originals for a random half of the captions that say nothing about left
+    # or right: the flip of --augment, at no cost per step.
+    mirror_features: bool = False
     # Second stage (picovlm.scst): self-critical sequence training on CIDEr-D from the best
     # cross-entropy model, for scst_epochs epochs (0: none) of scst_images images x scst_samples
     # sampled captions per step, peak learning rate scst_lr.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from picovlm.data.features import backbone_hash, cached_features
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, normalize
 from picovlm.data.prepare import prepare_data, uses_feature_cache
+from picovlm.errors import UserError
 from picovlm.models.mobilenet_v2 import MobileNetV2
 from picovlm.models.supravl import SupraVL
 from picovlm.train import evaluate_loss, to_device, train
@@ -137,3 +139,53 @@ def test_training_uses_the_cache_only_without_augmentation(tmp_path: Path, shape
     assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], rel=1e-3)
     cache = Path(os.environ["PICOVLM_CACHE"])
     assert list(cache.glob("features-*.npy"))
+    # --mirror-features trains from a second cache, of the mirrored images; it needs the cache.
+    mirrored = train(cfg, dataclasses.replace(tc, mirror_features=True), tmp_path / "mirrored",
+                     data_dir=shapes_dir, progress_bar=False)
+    assert math.isfinite(mirrored["train_loss"])
+    assert any(json.loads(p.read_text()).get("mirrored") for p in cache.glob("features-*.json"))
+    with pytest.raises(UserError, match="--mirror-features needs a frozen MobileNetV2"):
+        train(cfg, dataclasses.replace(tc, mirror_features=True, augment=True), tmp_path / "augmented",
+              data_dir=shapes_dir, progress_bar=False)
+
+
+def test_mirrored_features_are_the_backbone_on_mirrored_pixels(tmp_path: Path, shapes_dir: Path) -> None:
+    model = tiny_mobilenet()
+    split = load_split(shapes_dir, "dev")
+    images, _ = cached_images(split.image_dir, split.names, 64)
+    plain = cached_features(model.vis_enc, images, split.image_dir, split.names, model.cfg, tmp_path)
+    mirrored = cached_features(model.vis_enc, images, split.image_dir, split.names, model.cfg, tmp_path,
+                               mirrored=True)
+    assert len(list(tmp_path.glob("features-*.npy"))) == 2  # one cache file each
+    with torch.no_grad():
+        flipped = torch.from_numpy(np.array(images[:8, :, ::-1]))  # (8, S, S, 3), left and right swapped
+        direct = model.vis_enc.backbone_features(normalize(flipped, model.cfg.img_mean, model.cfg.img_std))
+    torch.testing.assert_close(torch.from_numpy(np.array(mirrored[:8])).float(), direct, rtol=2e-3, atol=2e-3)
+    assert not np.allclose(np.array(plain[:8], dtype=np.float32), np.array(mirrored[:8], dtype=np.float32))
+
+
+def test_mirroring_serves_mirrored_features_for_half_the_flippable_captions(shapes_dir: Path) -> None:
+    model = tiny_mobilenet()
+    data = prepare_data(shapes_dir, model.cfg, None, frozen_encoder=model.vis_enc, progress=False,
+                        mirror_features=True)
+    assert data.train.mirrored is not None and data.dev.mirrored is None  # dev is never mirrored
+    train_set = data.train
+    n = len(train_set.images)
+    # Features that name their image: i for image i, -(i + 1) for its mirror.
+    train_set.use_features(np.arange(n, dtype=np.float32).reshape(n, 1, 1),
+                           -np.arange(1, n + 1, dtype=np.float32).reshape(n, 1, 1))
+    batches = list(train_set.epoch(16, seed=3))
+    values = torch.cat([b.images.flatten() for b in batches]).float()
+    flippable = torch.cat([b.flippable for b in batches])
+    mirrored = values < 0
+    assert not mirrored[~flippable].any()  # a caption that says left or right keeps its image
+    assert 0.35 < mirrored[flippable].float().mean() < 0.65
+    # Mirroring changes which features a caption gets, not which image or caption comes when.
+    mirrors, train_set.mirrored = train_set.mirrored, None
+    plain = torch.cat([b.images.flatten() for b in train_set.epoch(16, seed=3)]).float()
+    train_set.mirrored = mirrors
+    assert torch.equal(torch.where(mirrored, -values - 1, values), plain)
+    # A resumed epoch mirrors the same captions; an unshuffled one mirrors none.
+    resumed = list(train_set.epoch(16, seed=3, start_batch=2))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(batches[2:], resumed, strict=True))
+    assert all((b.images >= 0).all() for b in train_set.epoch(16, seed=None))

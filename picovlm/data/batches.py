@@ -79,12 +79,17 @@ class CaptionBatches:
         self.ok = torch.from_numpy(ok)
         self.n_truncated = truncated
         self.is_features = False
+        self.mirrored: torch.Tensor | None = None  # (N_images, P, C) features of the mirrored images
 
-    def use_features(self, features: np.ndarray) -> None:
-        """Serve (N_images, P, C) cached backbone features in place of the pixels from now on."""
-        if len(features) != len(self.images):
-            raise ValueError(f"{len(features)} feature rows for {len(self.images)} images")
+    def use_features(self, features: np.ndarray, mirrored: np.ndarray | None = None) -> None:
+        """Serve (N_images, P, C) cached backbone features in place of the pixels from now on. With
+        the features of the mirrored images too, a shuffled epoch serves those for a random half of
+        the flippable captions (see is_flippable)."""
+        for array in (features, mirrored if mirrored is not None else features):
+            if len(array) != len(self.images):
+                raise ValueError(f"{len(array)} feature rows for {len(self.images)} images")
         self.images = torch.from_numpy(np.array(features))  # copied into RAM, like the pixels
+        self.mirrored = torch.from_numpy(np.array(mirrored)) if mirrored is not None else None
         self.is_features = True
 
     def __len__(self) -> int:
@@ -95,19 +100,29 @@ class CaptionBatches:
         return -(-len(self) // batch_size)
 
     def epoch(self, batch_size: int, seed: int | None, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches of one epoch; shuffled by `seed` (None: in order). Skips the first start_batch."""
+        """Batches of one epoch; shuffled by `seed` (None: in order, never mirrored). Skips the
+        first start_batch; the seed alone decides order and mirroring, so a resumed epoch is the same."""
+        mirror = None
         if seed is None:
             order = torch.arange(len(self))
         else:
-            order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+            rng = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(self), generator=rng)
+            if self.mirrored is not None:
+                mirror = (torch.rand(len(self), generator=rng) < 0.5) & self.flippable  # (N_pairs,) bool
         for b in range(start_batch, self.n_batches(batch_size)):
-            yield self.batch(order[b * batch_size:(b + 1) * batch_size])
+            pair_idx = order[b * batch_size:(b + 1) * batch_size]
+            yield self.batch(pair_idx, mirror[pair_idx] if mirror is not None else None)
 
-    def batch(self, pair_idx: torch.Tensor) -> Batch:
+    def batch(self, pair_idx: torch.Tensor, mirror: torch.Tensor | None = None) -> Batch:
+        """The pairs pair_idx; where mirror (len(pair_idx),) is True, the mirrored image's features."""
         t = int(self.lengths[pair_idx].max())
         input_ids, targets = shift_targets(self.tokens[pair_idx, :t])
-        return Batch(self.images[self.image_of[pair_idx]], input_ids, targets, self.flippable[pair_idx],
-                     self.is_features)
+        image_idx = self.image_of[pair_idx]
+        images = self.images[image_idx]  # a copy: indexing with a tensor gathers
+        if mirror is not None and self.mirrored is not None:
+            images[mirror] = self.mirrored[image_idx[mirror]]
+        return Batch(images, input_ids, targets, self.flippable[pair_idx], self.is_features)
 
     def describe(self) -> str:
         return f"{len(self)} captions"

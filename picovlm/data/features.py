@@ -41,38 +41,41 @@ def backbone_hash(backbone: torch.nn.Module) -> str:
 
 def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, names: list[str], cfg: VLMConfig,
                     cache_dir: Path | None = None, batch_size: int = 32, device: str = "cpu",
-                    progress: bool = True) -> np.ndarray:
+                    progress: bool = True, mirrored: bool = False) -> np.ndarray:
     """`encoder.backbone_features` of every image, (N, grid*grid, C) float16, cached on disk.
 
     images (N, S, S, 3) uint8 are the cached pixels of `root/name` for each name (unreadable ones
     are zeros; their features are never used). Computed in float32 without autocast: the features
-    generation sees when it runs the backbone itself.
+    generation sees when it runs the backbone itself. mirrored: of the images flipped left to right.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights = backbone_hash(encoder.features)
     ident = f"{root.resolve()}|{cfg.img_size}|{cfg.img_mean}|{cfg.img_std}|{cfg.cnn_grid}|{len(names)}|{weights}"
+    ident += "|mirrored" if mirrored else ""
     key = hashlib.sha1(ident.encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"features-{key}.npy", cache_dir / f"features-{key}.json"
     fingerprint = files_fingerprint(root, names)
     cached = read_array_cache(array_path, meta_path, fingerprint, names)
     if cached is not None:
         return cached[0]
-    out = _compute(encoder, images, cfg, batch_size, device, progress)
+    out = _compute(encoder, images, cfg, batch_size, device, progress, mirrored)
     write_array_cache(array_path, meta_path, out, {"root": str(root.resolve()), "size": cfg.img_size,
-                                                   "grid": cfg.cnn_grid, "backbone_sha1": weights, "names": names,
+                                                   "grid": cfg.cnn_grid, "mirrored": mirrored,
+                                                   "backbone_sha1": weights, "names": names,
                                                    "fingerprint": fingerprint})
     return out
 
 
 @torch.no_grad()
 def _compute(encoder: torch.nn.Module, images: np.ndarray, cfg: VLMConfig, batch_size: int,
-             device: str, progress: bool) -> np.ndarray:
+             device: str, progress: bool, mirrored: bool) -> np.ndarray:
     was_training = encoder.training
     encoder.eval()
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="caching backbone features", unit="batch",
-                      leave=False, disable=not progress):
-        x = torch.from_numpy(np.array(images[start:start + batch_size]))  # (b, S, S, 3) uint8
+    desc = "caching backbone features" + (" of mirrored images" if mirrored else "")
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
+        chunk = images[start:start + batch_size]  # (b, S, S, 3) uint8
+        x = torch.from_numpy(np.array(chunk[:, :, ::-1] if mirrored else chunk))
         x = normalize(x, cfg.img_mean, cfg.img_std).to(device).contiguous(memory_format=torch.channels_last)
         chunks.append(encoder.backbone_features(x).to("cpu", torch.float16).numpy())  # (b, P, C)
     encoder.train(was_training)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +54,18 @@ class Data:
 
 def prepare_data(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
                  dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu", num_workers: int = 0,
-                 frozen_encoder: torch.nn.Module | None = None, progress: bool = True) -> Data:
+                 frozen_encoder: torch.nn.Module | None = None, progress: bool = True,
+                 mirror_features: bool = False) -> Data:
     """Splits, tokenizer (trained on the train captions unless given) and batches: in memory for a
     Flickr8k-layout folder (default: the built-in shapes set), streamed for shards or hf:NAME.
 
-    With a frozen_encoder (see uses_feature_cache), in-memory batches carry its cached backbone features.
+    With a frozen_encoder (see uses_feature_cache), in-memory batches carry its cached backbone features,
+    and with mirror_features the training batches those of the mirrored images too.
     progress: show progress bars while the image and feature caches are built."""
     if is_stream(data_dir):
         return _prepare_stream(str(data_dir), cfg, tokenizer, dist_info, device, num_workers)
-    return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device, frozen_encoder, progress)
+    return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device, frozen_encoder, progress,
+                              mirror_features)
 
 
 def _shared_tokenizer(train: Callable[[], Tokenizer], dist_info: DistInfo, device: str) -> Tokenizer:
@@ -91,7 +95,7 @@ def _prepare_stream(source: str, cfg: VLMConfig, tokenizer: CaptionTokenizer | N
 
 def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
                        dist_info: DistInfo, device: str, frozen_encoder: torch.nn.Module | None,
-                       progress: bool) -> Data:
+                       progress: bool, mirror_features: bool) -> Data:
     with main_process_first(dist_info):  # one process generates/caches, the others then read
         data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
@@ -106,8 +110,10 @@ def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: C
     if frozen_encoder is not None:
         with main_process_first(dist_info):
             for split, batches in ((train_set, data.train), (dev_set, data.dev)):
-                batches.use_features(cached_features(frozen_encoder, batches.images.numpy(), split.image_dir,
-                                                     split.names, cfg, device=device, progress=progress))
+                features = partial(cached_features, frozen_encoder, batches.images.numpy(), split.image_dir,
+                                   split.names, cfg, device=device, progress=progress)
+                mirrored = features(mirrored=True) if mirror_features and batches is data.train else None
+                batches.use_features(features(), mirrored)
     return data
 
 
