@@ -85,7 +85,7 @@ class CaptionBatches:
         """Serve (N_images, P, C) cached backbone features in place of the pixels from now on. With
         the features of the mirrored images too, a shuffled epoch serves those for a random half of
         the flippable captions (see is_flippable)."""
-        for array in (features, mirrored if mirrored is not None else features):
+        for array in (a for a in (features, mirrored) if a is not None):
             if len(array) != len(self.images):
                 raise ValueError(f"{len(array)} feature rows for {len(self.images)} images")
         self.images = torch.from_numpy(np.array(features))  # copied into RAM, like the pixels

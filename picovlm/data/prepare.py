@@ -109,11 +109,10 @@ def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: C
                 CaptionBatches(dev_set, tokenizer, cfg, progress=progress), tokenizer, str(data_dir))
     if frozen_encoder is not None:
         with main_process_first(dist_info):
-            for split, batches in ((train_set, data.train), (dev_set, data.dev)):
+            for split, batches, mirror in ((train_set, data.train, mirror_features), (dev_set, data.dev, False)):
                 features = partial(cached_features, frozen_encoder, batches.images.numpy(), split.image_dir,
                                    split.names, cfg, device=device, progress=progress)
-                mirrored = features(mirrored=True) if mirror_features and batches is data.train else None
-                batches.use_features(features(), mirrored)
+                batches.use_features(features(), features(mirrored=True) if mirror else None)
     return data
 
 
