@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from picovlm.data.flickr8k import load_split
+from picovlm.data.images import load_image
 from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import clean_caption
@@ -116,7 +117,6 @@ def _plot_examples(result: dict[str, Any], path: Path, n: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     rows = result["captions"][:n]
     cols = 4
@@ -125,7 +125,7 @@ def _plot_examples(result: dict[str, Any], path: Path, n: int) -> None:
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
-        ax.imshow(Image.open(Path(result["image_dir"]) / row["image"]).convert("RGB"))
+        ax.imshow(load_image(Path(result["image_dir"]) / row["image"]))
         ax.set_title(f"{row['caption']}\nref: {row['references'][0]}", fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from picovlm.data.images import load_image, normalize, resize_square
+from picovlm.data.images import load_image, normalize, resize_square, to_rgb
 from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
 
@@ -212,7 +212,7 @@ def preprocess(images: Sequence[ImageLike] | torch.Tensor, model: SupraVL) -> to
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     size = model.cfg.img_size
-    arrays = [resize_square(im.convert("RGB") if isinstance(im, Image.Image) else load_image(im), size)
+    arrays = [resize_square(to_rgb(im) if isinstance(im, Image.Image) else load_image(im), size)
               for im in images]
     batch = torch.from_numpy(np.stack(arrays))  # (B, S, S, 3) uint8
     return normalize(batch, model.cfg.img_mean, model.cfg.img_std).to(device)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import picovlm
 from picovlm.data.flickr8k import load_split
@@ -108,3 +110,17 @@ def test_kv_cache_overflow_is_refused() -> None:
     cache.advance(4)
     with pytest.raises(ValueError, match="overflow"):
         cache.update(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+
+
+def test_pil_images_get_the_pixels_of_their_files(model_and_pixels, tmp_path: Path) -> None:
+    """A PIL image in memory is converted like a file: transparency over white, not dropped."""
+    model, _ = model_and_pixels
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[:20, :, :3] = (200, 30, 30)
+    rgba[:20, :, 3] = 255  # top half an opaque red, bottom half fully transparent black
+    image = Image.fromarray(rgba, mode="RGBA")
+    image.save(tmp_path / "half.png")
+    from_file = preprocess([tmp_path / "half.png"], model)
+    torch.testing.assert_close(preprocess([image], model), from_file)
+    white = preprocess([Image.new("RGB", (40, 40), (255, 255, 255))], model)
+    torch.testing.assert_close(from_file[..., -5:, :], white[..., -5:, :])  # transparent rows are white
