@@ -43,6 +43,14 @@ def tiny_mobilenet(**overrides: object) -> SupraVL:
     return model
 
 
+def saved_backbone(model: SupraVL, path: Path) -> Path:
+    """tiny_mobilenet's backbone as a torchvision-layout weights file, for train() to load."""
+    full = MobileNetV2()
+    full.features.load_state_dict(model.vis_enc.features.state_dict())
+    torch.save(full.state_dict(), path)
+    return path
+
+
 def test_cached_features_equal_running_the_backbone(tmp_path: Path, shapes_dir: Path) -> None:
     model = tiny_mobilenet()
     split = load_split(shapes_dir, "dev")
@@ -125,11 +133,8 @@ def test_training_uses_the_cache_only_without_augmentation(tmp_path: Path, shape
     assert not uses_feature_cache(model, TrainConfig(feature_cache=False))
     assert not uses_feature_cache(SupraVL(tiny_config()), TrainConfig())
     # Two fp32 steps from the cache and from pixels end at the same losses, with a backbone whose
-    # features are not all zero (saved as a torchvision-layout weights file for train() to load).
-    full = MobileNetV2()
-    full.features.load_state_dict(model.vis_enc.features.state_dict())
-    torch.save(full.state_dict(), tmp_path / "backbone.pth")
-    cfg = dataclasses.replace(model.cfg, vision_weights=str(tmp_path / "backbone.pth"))
+    # features are not all zero.
+    cfg = dataclasses.replace(model.cfg, vision_weights=str(saved_backbone(model, tmp_path / "backbone.pth")))
     tc = TrainConfig(epochs=1, max_steps=2, batch_size=8, warmup_steps=1, log_every=1, eval_max_batches=2,
                      precision="fp32")
     a = train(cfg, tc, tmp_path / "cached", data_dir=shapes_dir, progress_bar=False)
