@@ -61,12 +61,16 @@ from picovlm.train import (
 
 NGRAMS = 4  # CIDEr uses 1- to 4-grams
 SIGMA = 6.0  # CIDEr-D's length penalty: exp(-(len(candidate) - len(reference))^2 / (2 sigma^2))
-_WORD = re.compile(r"[a-z0-9]+")
+# The tokens pycocoevalcap's PTB tokenizer leaves once it drops punctuation, so that the reward
+# counts the n-grams the evaluation counts: hyphenated words stay whole ("t-shirt"), clitics split
+# off ("man 's", "do n't"), brackets become -lrb- / -rrb-.
+_TOKEN = re.compile(r"[a-z0-9]+(?=n't)|n't|'[a-z]+|[a-z0-9]+(?:[-.][a-z0-9]+)*|[()]")
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-"}
 
 
 def words(caption: str) -> list[str]:
-    """Lower-case words without punctuation (what the PTB tokenizer leaves, near enough)."""
-    return _WORD.findall(caption.lower())
+    """Lower-case tokens without punctuation, as the PTB tokenizer of the evaluation makes them."""
+    return [_BRACKETS.get(t, t) for t in _TOKEN.findall(caption.lower())]
 
 
 def _ngram_counts(tokens: list[str]) -> Counter:

@@ -40,6 +40,18 @@ def test_cider_d_equals_pycocoevalcap() -> None:
     assert ours[0] > ours[2] > 0  # the right caption scores above a half-wrong one
 
 
+def test_reward_words_are_the_ptb_tokens_of_the_evaluation() -> None:
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = ["A man's T-shirt is red.", "Two dogs don't play; they're running!", "a black-and-white dog",
+                "A child (in a pink dress) climbs 3 stairs .", "A dog's toy -- a ball...", "The girl 's hat",
+                "rock-climbing man, at 4.5 km"]
+    ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    for i, caption in enumerate(captions):
+        assert scst_mod.words(caption) == ptb[i][0].split(), caption
+
+
 def test_sequence_log_probs_are_the_full_forward_log_probs(trained_run: Path) -> None:
     model = from_pretrained(trained_run / "best").eval()
     cfg = model.cfg
