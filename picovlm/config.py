@@ -42,6 +42,9 @@ class VLMConfig:
     # or "none" (random backbone); see picovlm.pretrained. Checkpoints carry their own weights.
     vision_weights: str = "auto"
     vision_proj: str = "linear"  # (mobilenet_v2 only) 1280 -> lm_hidden_dim: linear | mlp
+    # (mobilenet_v2 only) dropout on the frozen 1280-d features in training, before the projector
+    # (MobileNetV2's own classifier drops 20 % of its pooled features)
+    vision_dropout: float = 0.0
     # --- vision transformer (vit only; see models/vit.py) ---
     # Names as in nanoVLM; defaults are SigLIP-B/16-224's vision tower (google/siglip-base-patch16-224),
     # whose config.json these fields are read from (picovlm.siglip). 14x14 = 196 patches of 768.
@@ -106,6 +109,8 @@ class VLMConfig:
             self.validate_vit()
         if self.vision_proj not in ("linear", "mlp"):
             raise UserError(f"unknown vision_proj {self.vision_proj!r}; choose linear or mlp")
+        if not 0.0 <= self.vision_dropout < 1.0:
+            raise UserError(f"vision_dropout must be in [0, 1), got {self.vision_dropout}")
         if self.family is None:
             raise UserError(
                 f"unsupported combination vision_type={self.vision_type!r}, lm_type={self.lm_type!r}, "

@@ -77,6 +77,22 @@ def test_config_rejects_unknown_encoder_choices() -> None:
         tiny_config(vision_type="resnet").validate()
     with pytest.raises(UserError, match="vision_proj"):
         tiny_config(vision_type="mobilenet_v2", vision_proj="qformer").validate()
+    with pytest.raises(UserError, match="vision_dropout"):
+        tiny_config(vision_type="mobilenet_v2", vision_dropout=1.0).validate()
+
+
+def test_vision_dropout_drops_feature_channels_in_training_only() -> None:
+    model = tiny_mobilenet_model(vision_dropout=0.5)
+    features = torch.rand(4, 4, 1280) + 0.1  # cached backbone features: (B, grid*grid, 1280), all > 0
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model.vis_enc(features), model.vis_enc.proj(features))
+        model.train()
+        dropped = model.vis_enc.feature_dropout(features)
+    zeros = (dropped == 0).float().mean().item()
+    assert 0.45 < zeros < 0.55
+    torch.testing.assert_close(dropped[dropped != 0], 2 * features[dropped != 0])  # survivors scaled by 1/(1-p)
+    assert not torch.equal(model.vis_enc(features), model.vis_enc.proj(features))
 
 
 # --- weights files ------------------------------------------------------------

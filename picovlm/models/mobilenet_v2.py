@@ -14,6 +14,7 @@ trains a projector on top. With the `pico-mobilenet` preset (img_size 224, grid 
     features.18: Conv1x1-BN-ReLU6       (B, 1280, 7, 7)    frozen, no gradients, BN in eval mode
     pool: AdaptiveAvgPool(7x7)          (B, 1280, 7, 7)    a no-op at 224; pools/repeats otherwise
     flatten + transpose                 (B, 49, 1280)      one token per grid cell, row-major
+    dropout (vision_dropout)            (B, 49, 1280)      training only; 0 in the preset
     proj ("mlp"): LN-Linear-GELU-Linear (B, 49, 192)       trainable; "linear": one Linear
 
 `backbone_features` is everything up to the flatten (frozen), `project` the rest; `forward` also
@@ -115,6 +116,7 @@ class MobileNetV2Encoder(nn.Module):
         self.features = MobileNetV2().features
         self.features.requires_grad_(False)
         self.pool = nn.AdaptiveAvgPool2d((cfg.cnn_grid, cfg.cnn_grid))
+        self.feature_dropout = nn.Dropout(cfg.vision_dropout)  # after the cache: new draws every step
         self.proj = make_projector(cfg.vision_proj, FEATURE_CHANNELS, cfg.lm_hidden_dim)
         self.features.eval()
 
@@ -137,7 +139,7 @@ class MobileNetV2Encoder(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(B, grid*grid, 1280) backbone features -> (B, grid*grid, D) visual tokens (trainable)."""
-        return self.proj(features)
+        return self.proj(self.feature_dropout(features))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) ImageNet-normalised images -> (B, grid*grid, lm_hidden_dim) visual tokens.
