@@ -14,7 +14,7 @@ trains a projector on top. With the `pico-mobilenet` preset (img_size 224, grid 
     features.18: Conv1x1-BN-ReLU6       (B, 1280, 7, 7)    frozen, no gradients, BN in eval mode
     pool: AdaptiveAvgPool(7x7)          (B, 1280, 7, 7)    a no-op at 224; pools/repeats otherwise
     flatten + transpose                 (B, 49, 1280)      one token per grid cell, row-major
-    dropout (vision_dropout)            (B, 49, 1280)      training only; 0 in the preset
+    dropout (vision_dropout)            (B, 49, 1280)      training only: half the features zeroed
     proj ("mlp"): LN-Linear-GELU-Linear (B, 49, 192)       trainable; "linear": one Linear
 
 `backbone_features` is everything up to the flatten (frozen), `project` the rest; `forward` also
