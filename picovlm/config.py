@@ -109,8 +109,7 @@ class VLMConfig:
             self.validate_vit()
         if self.vision_proj not in ("linear", "mlp"):
             raise UserError(f"unknown vision_proj {self.vision_proj!r}; choose linear or mlp")
-        if not 0.0 <= self.vision_dropout < 1.0:
-            raise UserError(f"vision_dropout must be in [0, 1), got {self.vision_dropout}")
+        self.check_dropout("vision_dropout")
         if self.family is None:
             raise UserError(
                 f"unsupported combination vision_type={self.vision_type!r}, lm_type={self.lm_type!r}, "
@@ -140,16 +139,22 @@ class VLMConfig:
         if self.vit_img_size % self.vit_patch_size:
             raise UserError(f"vit_img_size={self.vit_img_size} is not a multiple of "
                             f"vit_patch_size={self.vit_patch_size}")
-        if not 0.0 <= self.vit_dropout < 1.0:
-            raise UserError(f"vit_dropout must be in [0, 1), got {self.vit_dropout}")
+        self.check_dropout("vit_dropout")
         grid = self.vit_img_size // self.vit_patch_size
         if grid % self.mp_pixel_shuffle_factor:
             raise UserError(f"the ViT's {grid}x{grid} patch grid (vit_img_size {self.vit_img_size} / "
                             f"vit_patch_size {self.vit_patch_size}) is not divisible by "
                             f"mp_pixel_shuffle_factor={self.mp_pixel_shuffle_factor}")
 
+    def check_dropout(self, name: str) -> None:
+        """Raise UserError unless the dropout field `name` is a probability below 1 (nn.Dropout
+        would raise a bare ValueError above 1, and 1 drops everything)."""
+        if not 0.0 <= getattr(self, name) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
     def validate_lm(self) -> None:
         """Raise UserError for lm_ values that cannot build the language decoder on its own."""
+        self.check_dropout("lm_dropout")
         if self.lm_type not in LM_TYPES:
             raise UserError(f"unknown lm_type {self.lm_type!r}; choose one of {', '.join(LM_TYPES)}")
         if self.lm_hidden_dim % self.lm_n_heads:

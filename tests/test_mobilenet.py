@@ -79,6 +79,8 @@ def test_config_rejects_unknown_encoder_choices() -> None:
         tiny_config(vision_type="mobilenet_v2", vision_proj="qformer").validate()
     with pytest.raises(UserError, match="vision_dropout"):
         tiny_config(vision_type="mobilenet_v2", vision_dropout=1.0).validate()
+    with pytest.raises(UserError, match="lm_dropout"):  # not nn.Dropout's bare ValueError
+        tiny_config(lm_dropout=1.5).validate()
 
 
 def test_vision_dropout_drops_feature_channels_in_training_only() -> None:
