@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help=f"default: {TrainConfig.seed}")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random resized crop, colour jitter, safe flips (default: the preset's, else off)")
-    p.add_argument("--mirror-features", action="store_true", default=None, help="with a frozen MobileNetV2: also "
-                   "cache the mirrored images' features and train on them for half the captions without "
-                   "left/right")
+    p.add_argument("--mirror-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="with a frozen MobileNetV2: also cache the mirrored images' features and train on them "
+                   "for half the captions without left/right (default: the preset's, else off)")
     p.add_argument("--save-every", type=int, default=None, help="also save last/ every N steps")
     p.add_argument("--log-every", type=int, default=None, help="metrics.jsonl line every N steps")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (a cold compile "

@@ -500,7 +500,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     else:  # a new SupraVL has no tokenizer yet: it is trained here
         if tc.mirror_features and not uses_feature_cache(model, tc):
             raise UserError("--mirror-features needs a frozen MobileNetV2 whose features are cached: "
-                            "vision_type mobilenet_v2 without --augment")
+                            "vision_type mobilenet_v2 without --augment (or turn it off: --no-mirror-features)")
         data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers,
                             model.vis_enc if uses_feature_cache(model, tc) else None, progress_bar,
                             tc.mirror_features)

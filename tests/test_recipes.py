@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import picovlm.config as config_mod
-from picovlm.cli import main
+from picovlm.cli import build_parser, main
 from picovlm.config import PRESET_TRAIN, PRESETS, TrainConfig, get_preset, preset_train_config
 from picovlm.errors import UserError
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
@@ -27,6 +27,21 @@ def test_preset_train_settings_apply_unless_overridden(monkeypatch: pytest.Monke
     assert (tc.epochs, tc.label_smoothing, tc.lr) == (3, 0.1, TrainConfig.lr)
     with pytest.raises(UserError, match="unknown preset"):
         preset_train_config("supravl-giant")
+
+
+def test_pico_mobilenet_mirrors_its_features_unless_augmenting_or_told_not_to() -> None:
+    assert preset_train_config("pico-mobilenet").mirror_features
+    # --augment flips pixels itself and turns the feature cache off: the preset's mirroring yields ...
+    tc = preset_train_config("pico-mobilenet", augment=True)
+    assert tc.augment and not tc.mirror_features
+    # ... but an explicit request stays, so that train() can say the two do not go together.
+    assert preset_train_config("pico-mobilenet", augment=True, mirror_features=True).mirror_features
+    assert not preset_train_config("pico-mobilenet", mirror_features=False).mirror_features
+    assert not preset_train_config("pico-scratch").mirror_features
+    parse = build_parser().parse_args
+    base = ["train", "--preset", "pico-mobilenet", "--data", "d", "--out", "o"]
+    assert [parse([*base, *flag]).mirror_features for flag in ([], ["--mirror-features"], ["--no-mirror-features"])] \
+        == [None, True, False]
 
 
 def test_every_preset_recipe_names_real_train_fields() -> None:
