@@ -37,12 +37,15 @@ class VLMConfig:
     # cnn: trained from scratch | mobilenet_v2: frozen ImageNet backbone | vit: SigLIP-style ViT
     vision_type: str = "cnn"
     cnn_channels: tuple[int, ...] = (16, 32, 64)  # (cnn only) one Conv-BN-ReLU (stride 2) per entry
+    # (cnn only) residual depthwise-separable blocks after each strided conv: depth at ~1/9 the
+    # parameters of a full 3x3 conv (models/vision_cnn.py)
+    cnn_res_blocks: int = 0
     cnn_grid: int = 4  # adaptive pooling to a grid x grid map -> grid**2 visual tokens
     # (mobilenet_v2 only) where a new model's ImageNet weights come from: "auto", a .pth path,
     # or "none" (random backbone); see picovlm.pretrained. Checkpoints carry their own weights.
     vision_weights: str = "auto"
     vision_proj: str = "linear"  # (mobilenet_v2 only) 1280 -> lm_hidden_dim: linear | mlp
-    # (mobilenet_v2 only) dropout on the frozen 1280-d features in training, before the projector
+    # dropout on the grid features in training, before the projection to the decoder's width
     # (MobileNetV2's own classifier drops 20 % of its pooled features)
     vision_dropout: float = 0.0
     # --- vision transformer (vit only; see models/vit.py) ---
@@ -103,6 +106,8 @@ class VLMConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.cnn_res_blocks < 0:
+            raise UserError(f"config field cnn_res_blocks must be 0 or more, got {self.cnn_res_blocks}")
         if self.vision_type not in VISION_TYPES:
             raise UserError(f"unknown vision_type {self.vision_type!r}; choose one of {', '.join(VISION_TYPES)}")
         if self.vision_type == "vit":

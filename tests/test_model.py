@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from picovlm.config import supravl_nano
+from picovlm.errors import UserError
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from tests.conftest import tiny_config
 
@@ -59,3 +61,49 @@ def test_loss_ignores_padding_targets() -> None:
     loss_only.backward()
     assert none is None and torch.allclose(loss, loss_only, atol=1e-6)
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+
+
+def test_residual_cnn_blocks_keep_shapes_and_add_their_parameters() -> None:
+    plain, deep = SupraVL(tiny_config()), SupraVL(tiny_config(cnn_res_blocks=2))
+    # per stage of C channels and per block: depthwise 3x3 (9C), 1x1 (C*C), two batch norms (4C)
+    extra = sum(2 * (9 * c + c * c + 4 * c) for c in (4, 8, 16))
+    assert deep.param_counts()["params_unique"] - plain.param_counts()["params_unique"] == extra
+    assert [name for name, _ in deep.vis_enc.named_children()][:3] == ["conv1", "res1", "conv2"]
+    assert not any(name.startswith("res") for name, _ in plain.vis_enc.named_children())  # published keys
+    images = torch.randn(2, 3, 32, 32)
+    tokens = deep.encode_images(images)
+    assert tokens.shape == plain.encode_images(images).shape == (2, 4, 32)
+    with torch.no_grad():
+        deep.vis_enc.res3[1].pw.weight.mul_(2)
+    assert not torch.allclose(deep.encode_images(images), tokens)  # the forward pass runs the blocks
+    torch.manual_seed(0)
+    stage = deep.vis_enc.res1[0]
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        stage.bn2.weight.zero_()  # the branch adds nothing: the block is ReLU(x)
+        torch.testing.assert_close(stage(x), torch.relu(x))
+        stage.bn2.weight.fill_(1.0)
+        assert not torch.allclose(stage(x), torch.relu(x))
+
+
+def test_cnn_feature_dropout_in_training_only() -> None:
+    torch.manual_seed(0)
+    model = SupraVL(tiny_config(vision_dropout=0.5))
+    images = torch.randn(2, 3, 32, 32)
+    dropout = model.vis_enc.feature_dropout
+
+    def tokens_with_and_without_dropout() -> tuple[torch.Tensor, torch.Tensor]:
+        dropout.p = 0.5
+        dropped = model.encode_images(images)
+        dropout.p = 0.0
+        return dropped, model.encode_images(images)
+
+    model.eval()
+    torch.testing.assert_close(*tokens_with_and_without_dropout())
+    model.train()  # (batch norm uses batch statistics in both calls alike)
+    dropped, kept = tokens_with_and_without_dropout()
+    assert not torch.allclose(dropped, kept)
+    with pytest.raises(UserError, match="cnn_res_blocks"):
+        tiny_config(cnn_res_blocks=-1).validate()
+    with pytest.raises(UserError, match="vision_dropout"):
+        tiny_config(vision_dropout=1.0).validate()

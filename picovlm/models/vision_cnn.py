@@ -9,11 +9,20 @@ This is SupraVL-Nano's encoder. With the `supravl-nano` preset (img_size 112, ch
     conv3: Conv3x3/2-BN-ReLU    (B, 64, 14, 14)
     pool: AdaptiveAvgPool(4x4)  (B, 64, 4, 4)
     flatten + transpose         (B, 16, 64)        one token per grid cell, row-major
+    dropout (vision_dropout)    (B, 16, 64)        training only; off in this preset
     proj: Linear 64 -> 128      (B, 16, 128)       visual tokens in the decoder's width
 
 A 4x4 grid rather than one global vector lets the decoder look at different regions of
 the image for different words. Module names (`conv1.0`, `conv1.1`, ..., `proj`) are the
 published checkpoint's, so its weights load unchanged.
+
+`cnn_res_blocks = N` deepens each stage without changing any shape: after `conv{i}` come N
+residual blocks `res{i}` that keep (B, C_i, H_i, W_i),
+
+    x + BN(Conv1x1(ReLU(BN(DWConv3x3(x)))))   then ReLU
+
+a depthwise 3x3 (one filter per channel) and a 1x1 across channels: C*(C + 9) weights instead of
+the 9*C*C of a full 3x3 conv, so the 1 M-parameter budget can afford depth.
 """
 
 from __future__ import annotations
@@ -33,6 +42,21 @@ def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
+class ResidualDWBlock(nn.Module):
+    """x + BN(Conv1x1(ReLU(BN(DWConv3x3(x))))), then ReLU: same shape in and out."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, kernel_size=3, padding=1, groups=channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.pw = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.bn2(self.pw(torch.relu(self.bn1(self.dw(x)))))
+        return torch.relu(x + branch)
+
+
 class CNNEncoder(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -41,14 +65,20 @@ class CNNEncoder(nn.Module):
         self.n_convs = len(cfg.cnn_channels)
         for i in range(self.n_convs):
             self.add_module(f"conv{i + 1}", conv_bn_relu(channels[i], channels[i + 1]))
+            if cfg.cnn_res_blocks:
+                blocks = [ResidualDWBlock(channels[i + 1]) for _ in range(cfg.cnn_res_blocks)]
+                self.add_module(f"res{i + 1}", nn.Sequential(*blocks))
         self.pool = nn.AdaptiveAvgPool2d((cfg.cnn_grid, cfg.cnn_grid))
+        self.feature_dropout = nn.Dropout(cfg.vision_dropout)
         self.proj = nn.Linear(channels[-1], cfg.lm_hidden_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float images -> (B, grid*grid, lm_hidden_dim) visual tokens."""
         x = images
-        for i in range(self.n_convs):
-            x = getattr(self, f"conv{i + 1}")(x)  # (B, C_i, H / 2^i, W / 2^i)
+        for i in range(1, self.n_convs + 1):
+            x = getattr(self, f"conv{i}")(x)  # (B, C_i, H / 2^i, W / 2^i)
+            if hasattr(self, f"res{i}"):
+                x = getattr(self, f"res{i}")(x)  # same shape, one stage deeper
         x = self.pool(x)  # (B, C, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, C)
-        return self.proj(x)  # (B, grid*grid, D)
+        return self.proj(self.feature_dropout(x))  # (B, grid*grid, D)
