@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from picovlm.config import PRESETS, TrainConfig, get_preset, parse_overrides, preset_train_config
+from picovlm.config import PRESETS, SELECT_ON, TrainConfig, get_preset, parse_overrides, preset_train_config
 from picovlm.errors import UserError
 from picovlm.generate import STRATEGIES
 
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not train this part (repeatable)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="validate and keep best/ with an "
                    "exponential moving average of the weights, e.g. 0.999 (default: the preset's, else off)")
+    p.add_argument("--select-on", default=None, choices=SELECT_ON, help="what best/ keeps: the epoch with the lowest "
+                   "dev loss, or the highest CIDEr-D of its greedy dev captions (captioners; default: loss)")
     p.add_argument("--grad-accum", type=int, default=None, help="split each batch into N micro-batches "
                    "(same result, less memory; default 1)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"], help="default: auto")
@@ -242,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                              num_workers=args.num_workers, compile=args.compile, lr_vision=args.lr_vision,
                              lr_projector=args.lr_projector, lr_language=args.lr_language,
                              freeze=tuple(args.freeze) if args.freeze else None, grad_accum_steps=args.grad_accum,
-                             ema_decay=args.ema, mirror_features=args.mirror_features,
+                             ema_decay=args.ema, mirror_features=args.mirror_features, select_on=args.select_on,
                              **_scst_settings(args))
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)

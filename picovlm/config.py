@@ -25,6 +25,7 @@ from picovlm.errors import UserError
 VISION_TYPES = ("cnn", "mobilenet_v2", "vit")
 LM_TYPES = ("gpt2", "llama")
 TOKENIZER_KINDS = ("bpe", "word")
+SELECT_ON = ("loss", "cider")  # what best/ is selected on (TrainConfig.select_on)
 
 
 @dataclass
@@ -268,6 +269,10 @@ class TrainConfig:
     lr_language: float | None = None
     freeze: tuple[str, ...] = ()
     ema_decay: float = 0.0  # > 0: validate and save best/ with an average of the weights (train.WeightEMA)
+    # What best/ keeps: the epoch with the lowest dev loss ("loss"), or, for a captioner on a
+    # Flickr8k-layout folder, the highest CIDEr-D of its greedy dev captions ("cider"): a lower
+    # loss does not always mean better captions (docs/ablations.md).
+    select_on: str = "loss"
     grad_accum_steps: int = 1  # a batch as this many micro-batches, one optimiser step (less memory)
     # With a frozen backbone and no augmentation, train on its features cached once per image
     # (picovlm.data.features) instead of running it on every batch: same model, same loss.

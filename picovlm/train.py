@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from picovlm.chat import ChatBatch
 from picovlm.checkpoint import WEIGHTS, from_pretrained, save_pretrained
-from picovlm.config import TrainConfig, VLMConfig
+from picovlm.config import SELECT_ON, TrainConfig, VLMConfig
 from picovlm.data.batches import AUGMENT_DRAWS, Batch, CaptionBatches, augment
 from picovlm.data.images import normalize
 from picovlm.data.prepare import prepare_data, prepare_vqa_data, uses_feature_cache
@@ -325,6 +325,25 @@ def evaluate_loss(model: SupraVL, data: CaptionBatches | StreamBatches, tc: Trai
     return total / max(n_tokens, 1)
 
 
+def validate(model: SupraVL, dev: CaptionBatches | StreamBatches, tc: TrainConfig, device: str, precision: str,
+             dist_info: DistInfo = SINGLE_PROCESS) -> dict[str, float]:
+    """The dev split's mean loss and, when best/ is selected on captions (tc.select_on "cider"), the
+    CIDEr-D of its greedy captions. Every process captions the whole split, so all agree on best/."""
+    scores = {"val_loss": evaluate_loss(model, dev, tc, device, precision, dist_info)}
+    if tc.select_on == "cider":
+        from picovlm.scst import dev_cider  # (scst builds on this module)
+
+        scores["dev_cider"] = dev_cider(model, dev, device, precision)
+    return scores
+
+
+def check_selection(tc: TrainConfig, model: torch.nn.Module, dev: object) -> None:
+    """A one-line error for a best/ criterion that this run cannot compute."""
+    if tc.select_on == "cider" and not (isinstance(model, SupraVL) and isinstance(dev, CaptionBatches)):
+        raise UserError("--select-on cider captions the dev split of a Flickr8k-layout folder with a captioner; "
+                        "this run has no such split (use --select-on loss)")
+
+
 class WeightEMA:
     """An exponential moving average of the trained weights (Polyak averaging): after each step
     shadow = d * shadow + (1 - d) * weight, with d = min(decay, (1 + step) / (10 + step)) so that
@@ -425,6 +444,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    cider = [(r["step"], r["dev_cider"]) for r in rows if "dev_cider" in r]  # with --select-on cider
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train (logged batches)", alpha=0.7)
@@ -433,7 +453,12 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("cross-entropy per token")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if cider:
+        ax_cider = ax.twinx()
+        ax_cider.plot(*zip(*cider), "s--", color="tab:green", label="dev CIDEr-D, greedy (selects best/)")
+        ax_cider.set_ylabel("CIDEr-D")
+        ax_cider.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
@@ -473,6 +498,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     if tc.batch_size < dist_info.world_size:
         raise UserError(f"batch size {tc.batch_size} is smaller than the {dist_info.world_size} processes; "
                         f"the batch size is global: use --batch-size {dist_info.world_size} or more")
+    if tc.select_on not in SELECT_ON:
+        raise UserError(f"unknown selection {tc.select_on!r}: best/ is selected on one of {', '.join(SELECT_ON)}")
     main = dist_info.is_main  # only the first process writes files
     precision = resolve_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
@@ -507,6 +534,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         to_channels_last(model)
     data_path = data.path
     model.tokenizer = data.tokenizer
+    check_selection(tc, model, data.dev)
     model.train()
     ddp_model = wrap_model(model, dist_info, device)  # the model itself in one process
     if tc.compile:  # opt-in: the first steps pay for compilation (benchmarks/train_throughput.py --compile)
@@ -537,7 +565,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     log = metrics_path.open("a") if main else io.StringIO()  # other processes log nowhere
 
     step, samples, tokens, t_start = progress["step"], 0, 0, time.perf_counter()
-    last_val_loss = float("nan")
+    last_val_loss, scores = float("nan"), {}
     elapsed_before = progress["elapsed_s"]
     last_train_loss = float("nan")
 
@@ -548,7 +576,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         dev = data.dev.describe() if data.dev is not None else "no dev split"
         metrics = {"training data": f"{Path(data_path).name} ({data.train.describe()} train / {dev})",
                    "step": step, "epochs": tc.epochs, "batch size": tc.batch_size,
-                   "train_loss": round(last_train_loss, 4), "best_val_loss": round(progress["best_val"], 4)}
+                   "train_loss": round(last_train_loss, 4), "best_val_loss": round(progress["best_val"], 4),
+                   **{name: round(value, 4) for name, value in scores.items()}}  # the latest validation
         save_pretrained(model, out / "last", metrics, training_state_files(optimizer, progress, aug_rng, ema))
         if best:
             with averaged(ema, model):
@@ -599,15 +628,20 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
             epoch_done = data_ended or progress["batch"] == batches_per_epoch
             if data.dev is not None:
                 with averaged(ema, model):
-                    val_loss = last_val_loss = evaluate_loss(model, data.dev, tc, device, precision, dist_info)
-                best = val_loss < progress["best_val"]
+                    scores = validate(model, data.dev, tc, device, precision, dist_info)
+                val_loss = last_val_loss = scores["val_loss"]
+                best = (scores["dev_cider"] > progress.get("best_cider", -math.inf) if tc.select_on == "cider"
+                        else val_loss < progress["best_val"])
                 progress["best_val"] = min(val_loss, progress["best_val"])
+                if "dev_cider" in scores:
+                    progress["best_cider"] = max(scores["dev_cider"], progress.get("best_cider", -math.inf))
             else:  # nothing to select on: the latest weights are the best we know
-                val_loss, best = float("nan"), True
-            log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val_loss,
+                val_loss, scores, best = float("nan"), {}, True
+            log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val_loss, **scores,
                                   "epoch_time_s": time.perf_counter() - t_epoch}) + "\n")
             log.flush()
-            bar.write(f"epoch {epoch + 1}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}",
+            cider_text = f", dev CIDEr-D {scores['dev_cider']:.4f}" if "dev_cider" in scores else ""
+            bar.write(f"epoch {epoch + 1}: train loss {last_train_loss:.4f}, val loss {val_loss:.4f}{cider_text}",
                       file=sys.stderr)
             if epoch_done:
                 progress.update(epoch=epoch + 1, batch=0)
@@ -627,6 +661,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         "train_loss": last_train_loss,
         "best_val_loss": progress["best_val"],
         "last_val_loss": last_val_loss,
+        **({"best_dev_cider": progress["best_cider"]} if "best_cider" in progress else {}),
         "wall_time_s": elapsed,
         "total_time_s": elapsed_before + elapsed,
         "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,

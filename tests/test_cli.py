@@ -153,10 +153,12 @@ def test_train_cli_errors(tmp_path: Path) -> None:
 def test_train_and_data_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["data", "make-shapes", str(tmp_path / "shapes"), "--n-images", "60"]) == 0
     assert (tmp_path / "shapes" / "captions.txt").is_file()
-    args = ["train", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--max-steps", "4",
-            "--batch-size", "16", "--no-progress", "--set", "lm_n_blocks=1", "--set", "img_size=32"]
-    assert main(args) == 0
     capsys.readouterr()
+    args = ["train", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--max-steps", "4",
+            "--batch-size", "16", "--select-on", "cider", "--no-progress", "--set", "lm_n_blocks=1", "--set",
+            "img_size=32"]
+    assert main(args) == 0
+    assert "best_dev_cider" in json.loads(capsys.readouterr().out)  # --select-on reached the training loop
     assert main([*args[:-4], "--max-steps", "6", "--resume"]) == 0  # the run's own config is kept
     assert json.loads(capsys.readouterr().out)["steps"] == 6
     cfg = json.loads((tmp_path / "run" / "last" / "config.json").read_text())

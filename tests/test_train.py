@@ -200,3 +200,47 @@ def test_best_checkpoint_holds_the_weight_average(tmp_path: Path, shapes_dir: Pa
     assert len(averaged) > 10
     for name in averaged:  # trained tensors: the average, not the last step's
         assert torch.equal(best[name], state[f"ema.{name}"]) and not torch.equal(best[name], last[name]), name
+
+
+def _epoch_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val_loss" in r]
+
+
+def test_best_can_be_selected_on_greedy_dev_cider(tmp_path: Path, shapes_dir: Path) -> None:
+    from picovlm.checkpoint import from_pretrained
+    from picovlm.data.prepare import prepare_data
+    from picovlm.scst import dev_cider
+
+    tc = TrainConfig(epochs=12, batch_size=32, lr=3e-3, warmup_steps=3, select_on="cider")
+    summary = train(tiny_config(), tc, tmp_path / "run", data_dir=shapes_dir, progress_bar=False)
+    ciders = [r["dev_cider"] for r in _epoch_rows(tmp_path / "run")]
+    assert len(ciders) == 12 and summary["best_dev_cider"] == max(ciders) > 0
+    # best/ holds the weights that scored it: caption the dev split again with them
+    best = from_pretrained(tmp_path / "run" / "best")
+    dev = prepare_data(shapes_dir, best.cfg, best.tokenizer, progress=False).dev
+    assert dev_cider(best, dev, "cpu", summary["precision"]) == pytest.approx(max(ciders), abs=1e-6)
+    assert f"| dev_cider | {round(max(ciders), 4)} |" in (tmp_path / "run" / "best" / "README.md").read_text()
+
+
+def test_cider_selection_keeps_the_best_scoring_epoch_not_the_lowest_loss(
+        tmp_path: Path, shapes_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted = iter([0.1, 0.5, 0.3, 0.2])  # the second epoch captions best
+    monkeypatch.setattr("picovlm.scst.dev_cider", lambda *args, **kwargs: next(scripted))
+    tc = TrainConfig(epochs=4, batch_size=32, lr=3e-3, warmup_steps=3, select_on="cider")
+    summary = train(tiny_config(), tc, tmp_path / "run", data_dir=shapes_dir, progress_bar=False)
+    rows = _epoch_rows(tmp_path / "run")
+    assert [r["dev_cider"] for r in rows] == [0.1, 0.5, 0.3, 0.2] and summary["best_dev_cider"] == 0.5
+    assert min(r["val_loss"] for r in rows) < rows[1]["val_loss"]  # loss alone would keep another epoch
+    card = (tmp_path / "run" / "best" / "README.md").read_text()
+    assert f"| step | {rows[1]['step']} |" in card and "| dev_cider | 0.5 |" in card
+    best, last = _weights(tmp_path / "run" / "best"), _weights(tmp_path / "run" / "last")
+    assert any(not torch.equal(best[name], last[name]) for name in best)
+
+
+def test_cider_selection_needs_a_captioner_with_a_dev_split() -> None:
+    with pytest.raises(UserError, match="no such split.*--select-on loss"):
+        train_mod.check_selection(TrainConfig(select_on="cider"), SupraVL(tiny_config()), None)
+    train_mod.check_selection(TrainConfig(), SupraVL(tiny_config()), None)  # loss needs nothing
+    with pytest.raises(UserError, match="unknown selection 'bleu'"):
+        train(tiny_config(), TrainConfig(select_on="bleu"), "unused", progress_bar=False)
