@@ -37,7 +37,7 @@ from picovlm.config import SELECT_ON, TrainConfig, VLMConfig
 from picovlm.data.batches import AUGMENT_DRAWS, Batch, CaptionBatches, augment
 from picovlm.data.images import normalize
 from picovlm.data.prepare import prepare_data, prepare_vqa_data, uses_feature_cache
-from picovlm.data.stream import StreamBatches
+from picovlm.data.stream import StreamBatches, is_stream
 from picovlm.distributed import (
     SINGLE_PROCESS,
     DistInfo,
@@ -337,9 +337,10 @@ def validate(model: SupraVL, dev: CaptionBatches | StreamBatches, tc: TrainConfi
     return scores
 
 
-def check_selection(tc: TrainConfig, model: torch.nn.Module, dev: object) -> None:
-    """A one-line error for a best/ criterion that this run cannot compute."""
-    if tc.select_on == "cider" and not (isinstance(model, SupraVL) and isinstance(dev, CaptionBatches)):
+def check_selection(tc: TrainConfig, model: torch.nn.Module, data_dir: str | Path | None) -> None:
+    """A one-line error for a best/ criterion that this run cannot compute, before any data is prepared:
+    CIDEr-D needs a captioner and the in-memory dev split of a Flickr8k-layout folder (not a stream)."""
+    if tc.select_on == "cider" and not (isinstance(model, SupraVL) and not is_stream(data_dir)):
         raise UserError("--select-on cider captions the dev split of a Flickr8k-layout folder with a captioner; "
                         "this run has no such split (use --select-on loss)")
 
@@ -522,6 +523,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         else:
             model.load_pretrained_vision()
         model = model.to(device)
+    check_selection(tc, model, data_dir)
     if isinstance(model, NanoVLM):
         data = prepare_vqa_data(data_dir, model, dist_info, device)
     else:  # a new SupraVL has no tokenizer yet: it is trained here
@@ -534,7 +536,6 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         to_channels_last(model)
     data_path = data.path
     model.tokenizer = data.tokenizer
-    check_selection(tc, model, data.dev)
     model.train()
     ddp_model = wrap_model(model, dist_info, device)  # the model itself in one process
     if tc.compile:  # opt-in: the first steps pay for compilation (benchmarks/train_throughput.py --compile)

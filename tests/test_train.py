@@ -238,9 +238,12 @@ def test_cider_selection_keeps_the_best_scoring_epoch_not_the_lowest_loss(
     assert any(not torch.equal(best[name], last[name]) for name in best)
 
 
-def test_cider_selection_needs_a_captioner_with_a_dev_split() -> None:
-    with pytest.raises(UserError, match="no such split.*--select-on loss"):
-        train_mod.check_selection(TrainConfig(select_on="cider"), SupraVL(tiny_config()), None)
-    train_mod.check_selection(TrainConfig(), SupraVL(tiny_config()), None)  # loss needs nothing
+def test_cider_selection_needs_a_captioner_with_a_dev_split(tmp_path: Path) -> None:
+    (tmp_path / "shard-000000.tar").write_bytes(b"")  # a folder of shards is streamed: no dev split in memory
+    for data_dir in (tmp_path, "hf:someone/captions"):
+        with pytest.raises(UserError, match="no such split.*--select-on loss"):
+            train_mod.check_selection(TrainConfig(select_on="cider"), SupraVL(tiny_config()), data_dir)
+        train_mod.check_selection(TrainConfig(), SupraVL(tiny_config()), data_dir)  # loss needs nothing
+    train_mod.check_selection(TrainConfig(select_on="cider"), SupraVL(tiny_config()), None)  # built-in shapes
     with pytest.raises(UserError, match="unknown selection 'bleu'"):
         train(tiny_config(), TrainConfig(select_on="bleu"), "unused", progress_bar=False)
