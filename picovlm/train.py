@@ -566,7 +566,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     log = metrics_path.open("a") if main else io.StringIO()  # other processes log nowhere
 
     step, samples, tokens, t_start = progress["step"], 0, 0, time.perf_counter()
-    last_val_loss, scores = float("nan"), {}
+    scores: dict[str, float] = {}  # the latest validation
     elapsed_before = progress["elapsed_s"]
     last_train_loss = float("nan")
 
@@ -630,7 +630,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
             if data.dev is not None:
                 with averaged(ema, model):
                     scores = validate(model, data.dev, tc, device, precision, dist_info)
-                val_loss = last_val_loss = scores["val_loss"]
+                val_loss = scores["val_loss"]
                 best = (scores["dev_cider"] > progress.get("best_cider", -math.inf) if tc.select_on == "cider"
                         else val_loss < progress["best_val"])
                 progress["best_val"] = min(val_loss, progress["best_val"])
@@ -661,7 +661,7 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         "steps": step,
         "train_loss": last_train_loss,
         "best_val_loss": progress["best_val"],
-        "last_val_loss": last_val_loss,
+        "last_val_loss": scores.get("val_loss", float("nan")),
         **({"best_dev_cider": progress["best_cider"]} if "best_cider" in progress else {}),
         "wall_time_s": elapsed,
         "total_time_s": elapsed_before + elapsed,
