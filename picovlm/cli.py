@@ -37,8 +37,8 @@ from picovlm.generate import STRATEGIES
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", choices=STRATEGIES, default="beam")
-    p.add_argument("--beam-width", type=int, default=3)
+    p.add_argument("--strategy", choices=STRATEGIES, default="beam", help="default: %(default)s")
+    p.add_argument("--beam-width", type=int, default=3, help="beams of beam and mbr (default: %(default)s)")
     p.add_argument("--length-penalty", type=float, default=0.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)

@@ -60,7 +60,7 @@ def test_caption_cli_text_and_json(trained_run: Path, shapes_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [ln.split("\t")[0] for ln in lines] == images and all(len(ln.split("\t")[1]) > 5 for ln in lines)
-    for strategy in ("greedy", "topk", "topp"):
+    for strategy in ("greedy", "mbr", "topk", "topp"):
         assert main(["caption", images[0], "--model", str(trained_run / "best"), "--strategy", strategy,
                      "--seed", "1", "--json"]) == 0
     result = run_cli("caption", images[0], "--model", str(trained_run / "best"), "--json", "--beam-width", "2")

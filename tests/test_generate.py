@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 import picovlm
 from picovlm.data.flickr8k import load_split
 from picovlm.errors import UserError
-from picovlm.generate import GenerationConfig, generate, preprocess
+from picovlm.generate import GenerationConfig, _consensus, decode, generate, preprocess, sentence_bleu
 from picovlm.kv_cache import KVCache
 from picovlm.models.supravl import SupraVL
 from tests.conftest import tiny_config
@@ -21,6 +22,7 @@ STRATEGY_CASES = [
     GenerationConfig(strategy="greedy"),
     GenerationConfig(strategy="beam", beam_width=3),
     GenerationConfig(strategy="beam", beam_width=4, length_penalty=1.0),
+    GenerationConfig(strategy="mbr", beam_width=4),
     GenerationConfig(strategy="sample", temperature=1.1, seed=7),
     GenerationConfig(strategy="topk", top_k=20, temperature=0.9, seed=7),
     GenerationConfig(strategy="topp", top_p=0.8, temperature=1.2, seed=7),
@@ -52,6 +54,65 @@ def test_untrained_model_cache_equality_on_long_sequences() -> None:
         cached = generate(model, pixels, gen)
         assert cached == generate(model, pixels, GenerationConfig(**{**gen.__dict__, "use_cache": False}))
         assert max(len(ids) for ids in cached) == model.cfg.lm_max_text_len  # stopped at the context limit
+
+
+def test_sentence_bleu_on_hand_computed_cases() -> None:
+    assert sentence_bleu([1, 2, 3, 4, 5], [[1, 2, 3, 4, 5]]) == pytest.approx(1.0)
+    # precisions 4/5, then smoothed (3+1)/(4+1), (2+1)/(3+1), (1+1)/(2+1); equal lengths, no penalty
+    expected = (4 / 5 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25
+    assert sentence_bleu([1, 2, 3, 4, 5], [[1, 2, 3, 4, 6]]) == pytest.approx(expected)
+    # every n-gram found (1/1 where there are none), but half the closest reference's length
+    assert sentence_bleu([1, 2], [[1, 2, 3, 4], [9] * 7]) == pytest.approx(np.exp(1 - 4 / 2))
+    # the closest reference sets the penalty, not the shortest; at equal distance the shorter one
+    assert sentence_bleu([1, 2, 3], [[1, 2, 3, 4], [1]]) == pytest.approx(np.exp(1 - 4 / 3))
+    assert sentence_bleu([1, 2, 3, 4], [[1, 2, 3, 4, 5, 6], [1, 2]]) == pytest.approx(1.0)  # not exp(1 - 6 / 4)
+    # counts clipped by the reference that holds most of each n-gram: 2 of the three 7s count
+    assert sentence_bleu([7, 7, 7], [[7, 1, 2], [7, 7, 3]]) == pytest.approx((2 / 3 * 2 / 3 * 1 / 2) ** 0.25)
+    assert sentence_bleu([1, 2, 3], [[4, 5, 6]]) == 0.0
+    assert sentence_bleu([], [[1]]) == 0.0
+
+
+def test_mbr_keeps_the_candidate_the_others_agree_with() -> None:
+    # the top beam shares nothing; the caption that appears twice agrees fully with its twin
+    assert _consensus([[7, 8, 9], [1, 2, 3, 4, 6], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]) == [1, 2, 3, 4, 5]
+    assert _consensus([[1, 2, 3], [4, 5, 6]]) == [1, 2, 3]  # a tie keeps the more probable beam
+    assert _consensus([[4, 5]]) == [4, 5]
+
+
+class MarkovSession:
+    """A stand-in language model whose next-token log-probabilities depend on the last token only."""
+
+    def __init__(self, log_probs: torch.Tensor, start: torch.Tensor):
+        self.log_probs, self.start = log_probs, start
+
+    def prefill(self) -> torch.Tensor:
+        return self.log_probs[self.start[:, -1]]
+
+    def step(self, seqs: torch.Tensor) -> torch.Tensor:
+        return self.log_probs[seqs[:, -1]]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        pass  # no state to reorder
+
+
+def test_mbr_differs_from_beam_where_the_top_beam_is_the_odd_one_out() -> None:
+    bos, eos, vocab = 0, 1, 8
+    moves = {bos: {2: 0.4, 3: 0.35, 4: 0.25}, 2: {eos: 1.0}, 3: {5: 1.0}, 4: {5: 1.0}, 5: {6: 1.0}, 6: {eos: 1.0}}
+    log_probs = torch.full((vocab, vocab), -30.0)  # everything else all but impossible
+    for token, following in moves.items():
+        for nxt, p in following.items():
+            log_probs[token, nxt] = math.log(p)
+    start = torch.tensor([[bos], [bos]])
+    # the three beams: [2] (p 0.4), [3, 5, 6] (0.35), [4, 5, 6] (0.25); the last two share "5 6"
+    for strategy, expected in (("beam", [2]), ("mbr", [3, 5, 6])):
+        gen = GenerationConfig(strategy=strategy, beam_width=3)
+        assert decode(MarkovSession(log_probs, start), start, gen, eos, 10) == [expected, expected]
+
+
+def test_mbr_of_one_beam_is_greedy(model_and_pixels) -> None:
+    model, pixels = model_and_pixels
+    one = GenerationConfig(strategy="mbr", beam_width=1)  # nothing to compare: beam search of width 1
+    assert generate(model, pixels, one) == generate(model, pixels, GenerationConfig(strategy="greedy"))
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])

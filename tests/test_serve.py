@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import urllib.error
@@ -14,6 +15,7 @@ import pytest
 
 import picovlm
 from picovlm.data.flickr8k import load_split
+from picovlm.generate import STRATEGIES
 from picovlm.serve import make_server
 
 
@@ -51,9 +53,11 @@ def test_health_and_page(server) -> None:
     with urllib.request.urlopen(base + "/") as r:
         page = r.read().decode()
     assert 'id="file"' in page and 'id="strategy"' in page
+    offered = re.findall(r'<option value="(\w+)"', page)
+    assert "mbr" in offered and set(offered) <= set(STRATEGIES)  # the page offers only what the server takes
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "mbr"])
 def test_caption_matches_the_python_api(server, shapes_dir: Path, strategy: str) -> None:
     base, model = server
     image = _image(shapes_dir)

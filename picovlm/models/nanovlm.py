@@ -143,7 +143,7 @@ class NanoVLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, images: torch.Tensor | None,
                  attention_mask: torch.Tensor | None = None, gen: Any = None) -> list[list[int]]:
         """New tokens after each left-padded prompt, cut before the end-of-turn token; any
-        strategy of picovlm.generate (greedy, sample, top-k, top-p, beam), batched, with the KV cache."""
+        strategy of picovlm.generate (greedy, sample, top-k, top-p, beam, mbr), batched, with the KV cache."""
         from picovlm.generate import GenerationConfig, decode
 
         gen = gen or GenerationConfig(strategy="greedy")
