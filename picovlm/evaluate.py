@@ -23,6 +23,7 @@ from typing import Any
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import load_image
 from picovlm.errors import UserError
+from picovlm.generate import ngrams
 from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import clean_caption
 
@@ -53,16 +54,12 @@ def coco_metrics(references: Sequence[Sequence[str]], generated: Sequence[str]) 
     return scores
 
 
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-
-
 def diversity_metrics(generated: Sequence[str], train_captions: Sequence[str] = ()) -> dict[str, float]:
     """Distinct-1/2, vocabulary used, unique-caption share, copied-from-train share, mean length."""
     tokenised = [clean_caption(c).split() for c in generated]
     scores: dict[str, float] = {}
     for n in (1, 2):
-        grams = [g for words in tokenised for g in _ngrams(words, n)]
+        grams = [g for words in tokenised for g in ngrams(words, n)]
         scores[f"distinct-{n}"] = len(set(grams)) / max(len(grams), 1)
     cleaned = [" ".join(words) for words in tokenised]
     train = {clean_caption(c) for c in train_captions}

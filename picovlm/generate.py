@@ -136,8 +136,9 @@ def _cut(row: list[int], eos: int) -> list[int]:
     return row[:row.index(eos)] if eos in row else row
 
 
-def _ngrams_of_length(tokens: list[int], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def ngrams(tokens: Sequence, n: int) -> list[tuple]:
+    """The n-grams of a sequence of words or token ids, in order."""
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def sentence_bleu(candidate: list[int], references: list[list[int]]) -> float:
@@ -149,9 +150,9 @@ def sentence_bleu(candidate: list[int], references: list[list[int]]) -> float:
         return 0.0
     log_precision = 0.0
     for n in range(1, 5):
-        counts, most = _ngrams_of_length(candidate, n), Counter()
+        counts, most = Counter(ngrams(candidate, n)), Counter()
         for ref in references:
-            most |= _ngrams_of_length(ref, n)  # | keeps each n-gram's largest count
+            most |= Counter(ngrams(ref, n))  # | keeps each n-gram's largest count
         matched = sum(min(c, most[g]) for g, c in counts.items())
         total = max(len(candidate) - n + 1, 0)
         smooth = 0 if n == 1 else 1

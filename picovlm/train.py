@@ -340,7 +340,7 @@ def validate(model: SupraVL, dev: CaptionBatches | StreamBatches, tc: TrainConfi
 def check_selection(tc: TrainConfig, model: torch.nn.Module, data_dir: str | Path | None) -> None:
     """A one-line error for a best/ criterion that this run cannot compute, before any data is prepared:
     CIDEr-D needs a captioner and the in-memory dev split of a Flickr8k-layout folder (not a stream)."""
-    if tc.select_on == "cider" and not (isinstance(model, SupraVL) and not is_stream(data_dir)):
+    if tc.select_on == "cider" and (not isinstance(model, SupraVL) or is_stream(data_dir)):
         raise UserError("--select-on cider captions the dev split of a Flickr8k-layout folder with a captioner; "
                         "this run has no such split (use --select-on loss)")
 
