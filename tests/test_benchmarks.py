@@ -25,6 +25,13 @@ def test_caption_speed(trained_run: Path, shapes_dir: Path) -> None:
     assert report["one_image"]["beam3"]["picovlm_ms_p50"] > 0 and report["batch_4"]["greedy"]["speedup"] > 0
 
 
+def test_mbr_cost(trained_run: Path, shapes_dir: Path) -> None:
+    report = _run("benchmarks.mbr_cost", "--model", str(trained_run / "best"), "--data", str(shapes_dir),
+                  "--images", "4", "--width", "3", "--rounds", "1")
+    assert report["images"] == 4 and report["beam_width"] == 3
+    assert report["beam_s_median"] > 0 and report["mbr_over_beam"] > 0 and 0 <= report["picked_another_beam"] <= 1
+
+
 def test_caption_memory(trained_run: Path, shapes_dir: Path) -> None:
     image = str(load_split(shapes_dir, "dev").image_dir / load_split(shapes_dir, "dev").names[0])
     report = _run("benchmarks.caption_memory", "--model", str(trained_run / "best"), image)

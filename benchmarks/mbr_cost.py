@@ -1,0 +1,52 @@
+"""What `--strategy mbr` costs over the beam search it runs: both decode the same images, in one
+process, alternating, with the same beam width; mbr adds only the pick among each image's beams.
+Also reports how often the pick differs from the most probable beam. Prints JSON.
+
+    python benchmarks/mbr_cost.py --model runs/flickr8k/best [--data DIR] [--images 200] [--width 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import picovlm
+from benchmarks.caption_speed import timed
+from picovlm.data.flickr8k import load_split
+from picovlm.data.prepare import default_data_dir
+from picovlm.generate import GenerationConfig, generate, preprocess
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="a supravl checkpoint folder")
+    p.add_argument("--data", default=None, help="dataset folder for images (default: built-in shapes, dev)")
+    p.add_argument("--images", type=int, default=200, help="dev images, decoded as one batch")
+    p.add_argument("--width", type=int, default=8, help="beam width of both")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timings of each")
+    args = p.parse_args()
+
+    model = picovlm.load(args.model)
+    data = load_split(args.data or default_data_dir(), "dev")
+    pixels = preprocess([data.image_dir / n for n in data.names[:args.images]], model)
+    configs = {name: GenerationConfig(strategy=name, beam_width=args.width) for name in ("beam", "mbr")}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    captions: dict[str, list[list[int]]] = {}
+    for _ in range(args.rounds):
+        for name, gen in configs.items():
+            elapsed, captions[name] = timed(lambda x, gen=gen: generate(model, x, gen), pixels)
+            seconds[name].append(elapsed)
+    beam_s, mbr_s = statistics.median(seconds["beam"]), statistics.median(seconds["mbr"])
+    print(json.dumps({
+        "benchmark": "mbr_cost", "model": args.model, "threads": torch.get_num_threads(),
+        "images": len(pixels), "beam_width": args.width,
+        "beam_s_median": beam_s, "mbr_s_median": mbr_s, "mbr_over_beam": mbr_s / beam_s,
+        "picked_another_beam": sum(a != b for a, b in zip(captions["beam"], captions["mbr"])) / len(pixels),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
