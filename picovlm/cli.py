@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror-features", action=argparse.BooleanOptionalAction, default=None,
                    help="with a frozen MobileNetV2: also cache the mirrored images' features and train on them "
                    "for half the captions without left/right (default: the preset's, else off)")
+    p.add_argument("--feature-crop", type=float, default=None, metavar="SCALE",
+                   help="with a frozen MobileNetV2: train on random crops of its cached feature maps covering "
+                   "at least this share of each map, e.g. 0.6 (default: the preset's, else 1: no crops)")
     p.add_argument("--save-every", type=int, default=None, help="also save last/ every N steps")
     p.add_argument("--log-every", type=int, default=None, help="metrics.jsonl line every N steps")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (a cold compile "
@@ -244,7 +247,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                              num_workers=args.num_workers, compile=args.compile, lr_vision=args.lr_vision,
                              lr_projector=args.lr_projector, lr_language=args.lr_language,
                              freeze=tuple(args.freeze) if args.freeze else None, grad_accum_steps=args.grad_accum,
-                             ema_decay=args.ema, mirror_features=args.mirror_features, select_on=args.select_on,
+                             ema_decay=args.ema, mirror_features=args.mirror_features, feature_crop=args.feature_crop,
+                             select_on=args.select_on,
                              **_scst_settings(args))
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)

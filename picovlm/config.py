@@ -281,6 +281,11 @@ class TrainConfig:
     # them in place of the originals for a random half of the captions that say nothing about left
     # or right: the flip of --augment, at no cost per step.
     mirror_features: bool = False
+    # With the feature cache and a value below 1, cache the training images' whole feature maps
+    # instead (10x10 at 320 px), and give every caption, anew each epoch, a random square crop of its
+    # map covering at least this share of the area, pooled to the grid: the random resized crop of
+    # --augment, at no cost per step. Dev batches and generation see the whole map pooled.
+    feature_crop: float = 1.0
     # Second stage (picovlm.scst): self-critical sequence training on CIDEr-D from the best
     # cross-entropy model, for scst_epochs epochs (0: none) of scst_images images x scst_samples
     # sampled captions per step, peak learning rate scst_lr.

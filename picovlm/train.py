@@ -337,6 +337,17 @@ def validate(model: SupraVL, dev: CaptionBatches | StreamBatches, tc: TrainConfi
     return scores
 
 
+def check_feature_options(tc: TrainConfig, model: torch.nn.Module) -> None:
+    """Mirrored and cropped features come from the feature cache: refuse them without it."""
+    needs_cache = [flag for flag, on in (("--mirror-features", tc.mirror_features),
+                                         ("--feature-crop", tc.feature_crop < 1)) if on]
+    if needs_cache and not uses_feature_cache(model, tc):
+        verb = "needs" if len(needs_cache) == 1 else "need"
+        raise UserError(f"{' and '.join(needs_cache)} {verb} a frozen MobileNetV2 whose features are cached: "
+                        "vision_type mobilenet_v2 without --augment (or turn it off: --no-mirror-features, "
+                        "--feature-crop 1)")
+
+
 def check_selection(tc: TrainConfig, model: torch.nn.Module, data_dir: str | Path | None) -> None:
     """A one-line error for a best/ criterion that this run cannot compute, before any data is prepared:
     CIDEr-D needs a captioner and the in-memory dev split of a Flickr8k-layout folder (not a stream)."""
@@ -501,6 +512,9 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                         f"the batch size is global: use --batch-size {dist_info.world_size} or more")
     if tc.select_on not in SELECT_ON:
         raise UserError(f"unknown selection {tc.select_on!r}: best/ is selected on one of {', '.join(SELECT_ON)}")
+    if not 0 < tc.feature_crop <= 1:
+        raise UserError(f"--feature-crop is the smallest share of a feature map a crop covers, in (0, 1]; "
+                        f"got {tc.feature_crop}")
     main = dist_info.is_main  # only the first process writes files
     precision = resolve_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
@@ -527,12 +541,10 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     if isinstance(model, NanoVLM):
         data = prepare_vqa_data(data_dir, model, dist_info, device)
     else:  # a new SupraVL has no tokenizer yet: it is trained here
-        if tc.mirror_features and not uses_feature_cache(model, tc):
-            raise UserError("--mirror-features needs a frozen MobileNetV2 whose features are cached: "
-                            "vision_type mobilenet_v2 without --augment (or turn it off: --no-mirror-features)")
+        check_feature_options(tc, model)
         data = prepare_data(data_dir, cfg, model.tokenizer, dist_info, device, tc.num_workers,
                             model.vis_enc if uses_feature_cache(model, tc) else None, progress_bar,
-                            tc.mirror_features)
+                            tc.mirror_features, tc.feature_crop)
         to_channels_last(model)
     data_path = data.path
     model.tokenizer = data.tokenizer

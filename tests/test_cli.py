@@ -148,6 +148,10 @@ def test_train_cli_errors(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")),
                           "data folder not found", "captions.txt")
     assert_one_line_error(run_cli("train", "--preset", "nope", "--out", str(tmp_path / "o")), "unknown preset")
+    # --feature-crop reaches the training config: refused out of range, and without a cached backbone
+    assert_one_line_error(run_cli("train", "--feature-crop", "0", "--out", str(tmp_path / "o")), "in (0, 1]")
+    assert_one_line_error(run_cli("train", "--feature-crop", "0.5", "--out", str(tmp_path / "o")),
+                          "--feature-crop needs a frozen MobileNetV2")
 
 
 def test_train_and_data_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

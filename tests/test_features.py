@@ -15,6 +15,7 @@ import torch
 
 import picovlm.data.features as features_mod
 from picovlm.config import TrainConfig
+from picovlm.data.batches import crop_and_pool
 from picovlm.data.features import backbone_hash, cached_features
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, normalize
@@ -152,6 +153,18 @@ def test_training_uses_the_cache_only_without_augmentation(tmp_path: Path, shape
     with pytest.raises(UserError, match="--mirror-features needs a frozen MobileNetV2"):
         train(cfg, dataclasses.replace(tc, mirror_features=True, augment=True), tmp_path / "augmented",
               data_dir=shapes_dir, progress_bar=False)
+    # --feature-crop trains on crops of the whole maps, from a third cache; it needs the cache too.
+    cropped = train(cfg, dataclasses.replace(tc, feature_crop=0.5), tmp_path / "cropped", data_dir=shapes_dir,
+                    progress_bar=False)
+    assert math.isfinite(cropped["train_loss"]) and cropped["best_val_loss"] == pytest.approx(a["best_val_loss"],
+                                                                                               rel=0.2)
+    assert any(json.loads(p.read_text())["grid"] is None for p in cache.glob("features-*.json"))
+    with pytest.raises(UserError, match="--feature-crop needs a frozen MobileNetV2"):
+        train(cfg, dataclasses.replace(tc, feature_crop=0.5, feature_cache=False), tmp_path / "uncached",
+              data_dir=shapes_dir, progress_bar=False)
+    with pytest.raises(UserError, match=r"--feature-crop .* in \(0, 1\]; got 0"):
+        train(cfg, dataclasses.replace(tc, feature_crop=0.0), tmp_path / "empty", data_dir=shapes_dir,
+              progress_bar=False)
 
 
 def test_mirrored_features_are_the_backbone_on_mirrored_pixels(tmp_path: Path, shapes_dir: Path) -> None:
@@ -194,3 +207,57 @@ def test_mirroring_serves_mirrored_features_for_half_the_flippable_captions(shap
     resumed = list(train_set.epoch(16, seed=3, start_batch=2))
     assert all(torch.equal(a.images, b.images) for a, b in zip(batches[2:], resumed, strict=True))
     assert all((b.images >= 0).all() for b in train_set.epoch(16, seed=None))
+
+
+def test_crop_and_pool_cuts_the_drawn_window_and_pools_it_like_the_encoder() -> None:
+    side, grid, C = 6, 3, 2
+    cells = torch.arange(side * side, dtype=torch.float32)  # cell (r, c) holds r * side + c
+    maps = torch.stack([cells, torch.ones_like(cells)], dim=1).expand(2, -1, -1).to(torch.float16)  # (2, 36, 2)
+    whole = crop_and_pool(maps, grid, 0.25, None)  # (2, 9, 2): every crop the whole map
+    expected = torch.nn.functional.adaptive_avg_pool2d(cells.view(1, side, side), grid).flatten()
+    assert whole.shape == (2, grid * grid, C) and whole.dtype == torch.float16
+    torch.testing.assert_close(whole[0, :, 0].float(), expected)
+    # Area share 0.25 (u_scale 0) is a 3x3 window: pooled to 3x3 its cells come out unchanged.
+    # u_top, u_left 0 put it top-left; just under 1, bottom-right.
+    draws = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.999, 0.999]])
+    cropped = crop_and_pool(maps, grid, 0.25, draws)[:, :, 0].float()
+    torch.testing.assert_close(cropped[0], torch.tensor([0, 1, 2, 6, 7, 8, 12, 13, 14.0]))
+    torch.testing.assert_close(cropped[1], torch.tensor([21, 22, 23, 27, 28, 29, 33, 34, 35.0]))
+    # u_scale just under 1 is the whole map wherever it is placed; the constant channel stays 1.
+    full = crop_and_pool(maps, grid, 0.25, torch.tensor([[0.999, 0.5, 0.5], [0.999, 0.0, 0.9]]))
+    torch.testing.assert_close(full, whole)
+    assert torch.all(full[:, :, 1] == 1)
+
+
+def test_whole_maps_pooled_are_the_grid_features(tmp_path: Path, shapes_dir: Path) -> None:
+    model = tiny_mobilenet()
+    cfg = dataclasses.replace(model.cfg, img_size=128)  # a 4x4 map, pooled to the 2x2 grid
+    split = load_split(shapes_dir, "dev")
+    images, _ = cached_images(split.image_dir, split.names, 128)
+    grid = cached_features(model.vis_enc, images, split.image_dir, split.names, cfg, tmp_path)
+    maps = cached_features(model.vis_enc, images, split.image_dir, split.names, cfg, tmp_path, whole_map=True)
+    assert grid.shape == (len(split.names), 4, 1280) and maps.shape == (len(split.names), 16, 1280)
+    assert len(list(tmp_path.glob("features-*.npy"))) == 2  # one cache file each
+    pooled = crop_and_pool(torch.from_numpy(np.array(maps)), 2, 0.5, None).float()
+    torch.testing.assert_close(pooled, torch.from_numpy(np.array(grid)).float(), rtol=2e-3, atol=2e-3)
+
+
+def test_feature_crops_are_drawn_per_caption_and_epoch_and_resume_alike(shapes_dir: Path) -> None:
+    model = tiny_mobilenet()
+    cfg = dataclasses.replace(model.cfg, img_size=128)
+    data = prepare_data(shapes_dir, cfg, None, frozen_encoder=model.vis_enc, progress=False, feature_crop=0.3)
+    train_set, dev_set = data.train, data.dev
+    assert train_set.images.shape[1] == 16 and dev_set.images.shape[1] == 4  # whole maps; dev pooled
+    assert train_set.crop_scale == 0.3 and dev_set.crop_scale == 1.0
+    first = list(train_set.epoch(16, seed=3))
+    assert all(b.images.shape == (len(b.input_ids), 4, 1280) and b.is_features for b in first)
+    whole = list(train_set.epoch(16, seed=None))  # unshuffled: the whole map, pooled
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(3))[:16]
+    uncropped = crop_and_pool(train_set.images[train_set.image_of[order]], 2, 1.0, None)
+    assert not torch.equal(first[0].images, uncropped)  # crops, not the whole map
+    torch.testing.assert_close(whole[0].images, crop_and_pool(train_set.images[train_set.image_of[:16]], 2, 1.0,
+                                                              None))
+    other = list(train_set.epoch(16, seed=4))
+    assert not torch.equal(first[0].images, other[0].images)
+    resumed = list(train_set.epoch(16, seed=3, start_batch=2))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first[2:], resumed, strict=True))

@@ -8,7 +8,9 @@ Everything an epoch needs sits in memory as two arrays, so a batch is two gather
 
 With a frozen pretrained backbone and no augmentation, `use_features` swaps the pixels for the
 backbone's cached features, (N_images, grid*grid, C) float16 (picovlm.data.features), and
-batches carry those instead (`Batch.is_features`).
+batches carry those instead (`Batch.is_features`). With crop_scale < 1 the cache holds the
+backbone's whole map instead, (N_images, h*w, C), and every caption gets a random square crop of
+it, pooled to the grid (`crop_and_pool`): the random resized crop of augmentation, on features.
 
 One epoch visits every (image, caption) pair once, in an order drawn from a generator
 seeded with (seed, epoch), so a resumed run sees exactly the batches it would have seen.
@@ -17,6 +19,7 @@ A batch is trimmed to its longest caption, and normalised to float on the device
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,17 +83,23 @@ class CaptionBatches:
         self.n_truncated = truncated
         self.is_features = False
         self.mirrored: torch.Tensor | None = None  # (N_images, P, C) features of the mirrored images
+        self.grid = cfg.cnn_grid
+        self.crop_scale = 1.0  # < 1: the features are whole maps, cropped at random and pooled to the grid
 
-    def use_features(self, features: np.ndarray, mirrored: np.ndarray | None = None) -> None:
+    def use_features(self, features: np.ndarray, mirrored: np.ndarray | None = None,
+                     crop_scale: float = 1.0) -> None:
         """Serve (N_images, P, C) cached backbone features in place of the pixels from now on. With
         the features of the mirrored images too, a shuffled epoch serves those for a random half of
-        the flippable captions (see is_flippable)."""
+        the flippable captions (see is_flippable). crop_scale < 1: the features are the backbone's
+        whole (N_images, h*w, C) maps, and a shuffled epoch gives each caption a random square crop
+        of at least that share of the map's area, pooled to the grid (unshuffled: the whole map)."""
         for array in (a for a in (features, mirrored) if a is not None):
             if len(array) != len(self.images):
                 raise ValueError(f"{len(array)} feature rows for {len(self.images)} images")
         self.images = torch.from_numpy(np.array(features))  # copied into RAM, like the pixels
         self.mirrored = torch.from_numpy(np.array(mirrored)) if mirrored is not None else None
         self.is_features = True
+        self.crop_scale = crop_scale
 
     def __len__(self) -> int:
         """Number of (image, caption) pairs."""
@@ -100,9 +109,10 @@ class CaptionBatches:
         return -(-len(self) // batch_size)
 
     def epoch(self, batch_size: int, seed: int | None, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches of one epoch; shuffled by `seed` (None: in order, never mirrored). Skips the
-        first start_batch; the seed alone decides order and mirroring, so a resumed epoch is the same."""
-        mirror = None
+        """Batches of one epoch; shuffled by `seed` (None: in order, never mirrored nor cropped).
+        Skips the first start_batch; the seed alone decides order, mirroring and crops, so a resumed
+        epoch is the same."""
+        mirror = crops = None
         if seed is None:
             order = torch.arange(len(self))
         else:
@@ -110,22 +120,50 @@ class CaptionBatches:
             order = torch.randperm(len(self), generator=rng)
             if self.mirrored is not None:
                 mirror = (torch.rand(len(self), generator=rng) < 0.5) & self.flippable  # (N_pairs,) bool
+            if self.crop_scale < 1:
+                crops = torch.rand(len(self), 3, generator=rng)  # (N_pairs, 3): scale, top, left
         for b in range(start_batch, self.n_batches(batch_size)):
             pair_idx = order[b * batch_size:(b + 1) * batch_size]
-            yield self.batch(pair_idx, mirror[pair_idx] if mirror is not None else None)
+            yield self.batch(pair_idx, mirror[pair_idx] if mirror is not None else None,
+                             crops[pair_idx] if crops is not None else None)
 
-    def batch(self, pair_idx: torch.Tensor, mirror: torch.Tensor | None = None) -> Batch:
-        """The pairs pair_idx; where mirror (len(pair_idx),) is True, the mirrored image's features."""
+    def batch(self, pair_idx: torch.Tensor, mirror: torch.Tensor | None = None,
+              crops: torch.Tensor | None = None) -> Batch:
+        """The pairs pair_idx; where mirror (len(pair_idx),) is True, the mirrored image's features;
+        with whole maps, the crops (len(pair_idx), 3) of them (None: the whole map), pooled."""
         t = int(self.lengths[pair_idx].max())
         input_ids, targets = shift_targets(self.tokens[pair_idx, :t])
         image_idx = self.image_of[pair_idx]
         images = self.images[image_idx]  # a copy: indexing with a tensor gathers
         if mirror is not None and self.mirrored is not None:
             images[mirror] = self.mirrored[image_idx[mirror]]
+        if self.crop_scale < 1:
+            images = crop_and_pool(images, self.grid, self.crop_scale, crops)
         return Batch(images, input_ids, targets, self.flippable[pair_idx], self.is_features)
 
     def describe(self) -> str:
         return f"{len(self)} captions"
+
+
+def crop_and_pool(maps: torch.Tensor, grid: int, min_scale: float, draws: torch.Tensor | None) -> torch.Tensor:
+    """(B, h*w, C) square feature maps -> (B, grid*grid, C): of each map a square crop, then
+    adaptive average pooling to grid x grid, as the encoder pools the whole map.
+
+    draws (B, 3) uniform in [0, 1) place the crops: its area share, min_scale to 1, rounded to
+    whole cells, and its top and left cell. None: every crop is the whole map, the features of
+    the uncropped image. The cells of the crop come out unchanged when its side is the grid."""
+    B, P, C = maps.shape
+    side = math.isqrt(P)
+    x = maps.view(B, side, side, C).permute(0, 3, 1, 2).float()  # (B, C, side, side)
+    if draws is None:
+        pooled = F.adaptive_avg_pool2d(x, grid)
+    else:
+        pooled = torch.empty(B, C, grid, grid)
+        for i, (u_scale, u_top, u_left) in enumerate(draws.tolist()):
+            crop = max(1, round(side * math.sqrt(min_scale + (1 - min_scale) * u_scale)))  # cells per side
+            top, left = int((side - crop + 1) * u_top), int((side - crop + 1) * u_left)
+            pooled[i] = F.adaptive_avg_pool2d(x[i, :, top:top + crop, left:left + crop], grid)
+    return pooled.flatten(2).transpose(1, 2).to(maps.dtype)  # (B, grid*grid, C)
 
 
 def pad_rows(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ output for an image never changes; an epoch of Flickr8k shows each image five ti
 caption). `cached_features` runs the backbone once over every image of a split and stores
 
     <cache>/features-<key>.npy    (N, grid*grid, C) float16   C = 1280 for MobileNetV2
+                                  (N, h*w, C) with whole_map: the map before pooling, h = w = S/32
     <cache>/features-<key>.json   where it came from: source images, their fingerprint, backbone hash
 
 float16 because the features are ReLU6 outputs averaged over cells, in [0, 6], where float16's
@@ -41,26 +42,29 @@ def backbone_hash(backbone: torch.nn.Module) -> str:
 
 def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, names: list[str], cfg: VLMConfig,
                     cache_dir: Path | None = None, batch_size: int = 32, device: str = "cpu",
-                    progress: bool = True, mirrored: bool = False) -> np.ndarray:
+                    progress: bool = True, mirrored: bool = False, whole_map: bool = False) -> np.ndarray:
     """`encoder.backbone_features` of every image, (N, grid*grid, C) float16, cached on disk.
 
     images (N, S, S, 3) uint8 are the cached pixels of `root/name` for each name (unreadable ones
     are zeros; their features are never used). Computed in float32 without autocast: the features
     generation sees when it runs the backbone itself. mirrored: of the images flipped left to right.
+    whole_map: the backbone's whole map (N, h*w, C), not pooled to the grid, for random crops of it
+    (picovlm.data.batches.crop_and_pool).
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights = backbone_hash(encoder.features)
     ident = f"{root.resolve()}|{cfg.img_size}|{cfg.img_mean}|{cfg.img_std}|{cfg.cnn_grid}|{len(names)}|{weights}"
-    ident += "|mirrored" if mirrored else ""
+    ident += ("|mirrored" if mirrored else "") + ("|map" if whole_map else "")
     key = hashlib.sha1(ident.encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"features-{key}.npy", cache_dir / f"features-{key}.json"
     fingerprint = files_fingerprint(root, names)
     cached = read_array_cache(array_path, meta_path, fingerprint, names)
     if cached is not None:
         return cached[0]
-    out = _compute(encoder, images, cfg, batch_size, device, progress, mirrored)
+    out = _compute(encoder, images, cfg, batch_size, device, progress, mirrored, whole_map)
     write_array_cache(array_path, meta_path, out, {"root": str(root.resolve()), "size": cfg.img_size,
-                                                   "grid": cfg.cnn_grid, "mirrored": mirrored,
+                                                   "grid": None if whole_map else cfg.cnn_grid,
+                                                   "mirrored": mirrored,
                                                    "backbone_sha1": weights, "names": names,
                                                    "fingerprint": fingerprint})
     return out
@@ -68,15 +72,16 @@ def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, na
 
 @torch.no_grad()
 def _compute(encoder: torch.nn.Module, images: np.ndarray, cfg: VLMConfig, batch_size: int,
-             device: str, progress: bool, mirrored: bool) -> np.ndarray:
+             device: str, progress: bool, mirrored: bool, whole_map: bool) -> np.ndarray:
     was_training = encoder.training
     encoder.eval()
     chunks = []
-    desc = "caching backbone features" + (" of mirrored images" if mirrored else "")
+    desc = "caching backbone " + ("maps" if whole_map else "features") + (" of mirrored images" if mirrored else "")
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         chunk = images[start:start + batch_size]  # (b, S, S, 3) uint8
         x = torch.from_numpy(np.array(chunk[:, :, ::-1] if mirrored else chunk))
         x = normalize(x, cfg.img_mean, cfg.img_std).to(device).contiguous(memory_format=torch.channels_last)
-        chunks.append(encoder.backbone_features(x).to("cpu", torch.float16).numpy())  # (b, P, C)
+        out = encoder.backbone_map(x).flatten(2).transpose(1, 2) if whole_map else encoder.backbone_features(x)
+        chunks.append(out.to("cpu", torch.float16).numpy())  # (b, P, C)
     encoder.train(was_training)
     return np.concatenate(chunks)

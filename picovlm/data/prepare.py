@@ -55,17 +55,18 @@ class Data:
 def prepare_data(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
                  dist_info: DistInfo = SINGLE_PROCESS, device: str = "cpu", num_workers: int = 0,
                  frozen_encoder: torch.nn.Module | None = None, progress: bool = True,
-                 mirror_features: bool = False) -> Data:
+                 mirror_features: bool = False, feature_crop: float = 1.0) -> Data:
     """Splits, tokenizer (trained on the train captions unless given) and batches: in memory for a
     Flickr8k-layout folder (default: the built-in shapes set), streamed for shards or hf:NAME.
 
     With a frozen_encoder (see uses_feature_cache), in-memory batches carry its cached backbone features,
-    and with mirror_features the training batches those of the mirrored images too.
+    and with mirror_features the training batches those of the mirrored images too; feature_crop < 1
+    caches the training images' whole maps, for random crops of at least that share of their area.
     progress: show progress bars while the image and feature caches are built."""
     if is_stream(data_dir):
         return _prepare_stream(str(data_dir), cfg, tokenizer, dist_info, device, num_workers)
     return _prepare_in_memory(data_dir, cfg, tokenizer, dist_info, device, frozen_encoder, progress,
-                              mirror_features)
+                              mirror_features, feature_crop)
 
 
 def _shared_tokenizer(train: Callable[[], Tokenizer], dist_info: DistInfo, device: str) -> Tokenizer:
@@ -95,7 +96,7 @@ def _prepare_stream(source: str, cfg: VLMConfig, tokenizer: CaptionTokenizer | N
 
 def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: CaptionTokenizer | None,
                        dist_info: DistInfo, device: str, frozen_encoder: torch.nn.Module | None,
-                       progress: bool, mirror_features: bool) -> Data:
+                       progress: bool, mirror_features: bool, feature_crop: float) -> Data:
     with main_process_first(dist_info):  # one process generates/caches, the others then read
         data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
         train_set, dev_set = load_split(data_dir, "train"), load_split(data_dir, "dev")
@@ -109,10 +110,12 @@ def _prepare_in_memory(data_dir: str | Path | None, cfg: VLMConfig, tokenizer: C
                 CaptionBatches(dev_set, tokenizer, cfg, progress=progress), tokenizer, str(data_dir))
     if frozen_encoder is not None:
         with main_process_first(dist_info):
-            for split, batches, mirror in ((train_set, data.train, mirror_features), (dev_set, data.dev, False)):
+            # dev batches: the whole image, never mirrored nor cropped, as generation sees it
+            for split, batches, mirror, crop in ((train_set, data.train, mirror_features, feature_crop),
+                                                 (dev_set, data.dev, False, 1.0)):
                 features = partial(cached_features, frozen_encoder, batches.images.numpy(), split.image_dir,
-                                   split.names, cfg, device=device, progress=progress)
-                batches.use_features(features(), features(mirrored=True) if mirror else None)
+                                   split.names, cfg, device=device, progress=progress, whole_map=crop < 1)
+                batches.use_features(features(), features(mirrored=True) if mirror else None, crop)
     return data
 
 

@@ -128,13 +128,17 @@ class MobileNetV2Encoder(nn.Module):
         return self
 
     @torch.no_grad()  # frozen: keep no activations for a backward pass
+    def backbone_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) ImageNet-normalised images -> (B, 1280, H/32, W/32) the frozen feature map,
+        before pooling: what random crops of features are cut from (picovlm.data.batches)."""
+        return self.features(images)
+
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) ImageNet-normalised images -> (B, grid*grid, 1280) frozen grid features.
 
         They depend on nothing trainable, so training without augmentation computes them once per
         image and caches them (picovlm.data.features)."""
-        x = self.features(images)  # (B, 1280, H/32, W/32)
-        x = self.pool(x)  # (B, 1280, grid, grid)
+        x = self.pool(self.backbone_map(images))  # (B, 1280, grid, grid)
         return x.flatten(2).transpose(1, 2)  # (B, grid*grid, 1280)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
