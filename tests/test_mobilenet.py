@@ -64,11 +64,12 @@ def test_pico_mobilenet_preset() -> None:
     cfg = get_preset("pico-mobilenet")
     model = SupraVL(cfg)
     counts = model.param_counts()
-    assert (cfg.img_size, cfg.n_vis_tokens, cfg.vision_type, cfg.vision_dropout) == (224, 49, "mobilenet_v2", 0.5)
+    assert (cfg.img_size, cfg.n_vis_tokens, cfg.vision_type, cfg.vision_dropout) == (320, 49, "mobilenet_v2", 0.5)
     assert counts["frozen"] == 2_223_872  # MobileNetV2's features, classifier left out
     assert counts["trainable"] == 1_882_240 and counts["trainable"] + counts["frozen"] == counts["params_unique"]
     assert counts["trainable"] <= 2_000_000  # issue #3's budget for this preset
-    assert model.encode_images(torch.randn(1, 3, 224, 224)).shape == (1, 49, 192)
+    assert model.vis_enc.backbone_map(torch.randn(1, 3, 320, 320)).shape == (1, 1280, 10, 10)
+    assert model.encode_images(torch.randn(1, 3, 320, 320)).shape == (1, 49, 192)
     assert SupraVL(tiny_config()).param_counts()["frozen"] == 0
 
 

@@ -29,19 +29,25 @@ def test_preset_train_settings_apply_unless_overridden(monkeypatch: pytest.Monke
         preset_train_config("supravl-giant")
 
 
-def test_pico_mobilenet_mirrors_its_features_unless_augmenting_or_told_not_to() -> None:
-    assert preset_train_config("pico-mobilenet").mirror_features
-    # --augment flips pixels itself and turns the feature cache off: the preset's mirroring yields ...
+def test_pico_mobilenet_mirrors_and_crops_its_features_unless_augmenting_or_told_not_to() -> None:
+    tc = preset_train_config("pico-mobilenet")
+    assert tc.mirror_features and tc.feature_crop == 0.5
+    # --augment flips and crops pixels itself and turns the feature cache off: the preset's
+    # mirroring and cropping yield ...
     tc = preset_train_config("pico-mobilenet", augment=True)
-    assert tc.augment and not tc.mirror_features
+    assert tc.augment and not tc.mirror_features and tc.feature_crop == 1.0
     # ... but an explicit request stays, so that train() can say the two do not go together.
     assert preset_train_config("pico-mobilenet", augment=True, mirror_features=True).mirror_features
+    assert preset_train_config("pico-mobilenet", augment=True, feature_crop=0.7).feature_crop == 0.7
     assert not preset_train_config("pico-mobilenet", mirror_features=False).mirror_features
+    assert preset_train_config("pico-mobilenet", feature_crop=1.0).feature_crop == 1.0
     assert not preset_train_config("pico-scratch").mirror_features
+    assert preset_train_config("pico-scratch").feature_crop == 1.0
     parse = build_parser().parse_args
     base = ["train", "--preset", "pico-mobilenet", "--data", "d", "--out", "o"]
     assert [parse([*base, *flag]).mirror_features for flag in ([], ["--mirror-features"], ["--no-mirror-features"])] \
         == [None, True, False]
+    assert [parse([*base, *flag]).feature_crop for flag in ([], ["--feature-crop", "0.7"])] == [None, 0.7]
 
 
 def test_every_preset_recipe_names_real_train_fields() -> None:

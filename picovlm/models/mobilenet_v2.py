@@ -6,19 +6,22 @@ Linear Bottlenecks") at width 1.0, written so that its state-dict keys are torch
 `mobilenet_v2-b0353104.pth` loads into it with strict=True (see picovlm.pretrained).
 
 `MobileNetV2Encoder` keeps only the convolutional `features` (2.2 M parameters), frozen, and
-trains a projector on top. With the `pico-mobilenet` preset (img_size 224, grid 7, D = 192):
+trains a projector on top. With the `pico-mobilenet` preset (img_size 320, grid 7, D = 192):
 
-    images                              (B, 3, 224, 224)   normalised with ImageNet mean/std
-    features.0: Conv3x3/2-BN-ReLU6      (B, 32, 112, 112)
-    features.1-17: inverted residuals   (B, 320, 7, 7)     strides 1,2,2,2,1,2,1 -> /32
-    features.18: Conv1x1-BN-ReLU6       (B, 1280, 7, 7)    frozen, no gradients, BN in eval mode
-    pool: AdaptiveAvgPool(7x7)          (B, 1280, 7, 7)    a no-op at 224; pools/repeats otherwise
+    images                              (B, 3, 320, 320)   normalised with ImageNet mean/std
+    features.0: Conv3x3/2-BN-ReLU6      (B, 32, 160, 160)
+    features.1-17: inverted residuals   (B, 320, 10, 10)   strides 1,2,2,2,1,2,1 -> /32
+    features.18: Conv1x1-BN-ReLU6       (B, 1280, 10, 10)  frozen, no gradients, BN in eval mode
+    pool: AdaptiveAvgPool(7x7)          (B, 1280, 7, 7)    overlapping windows of the 10x10 map
+                                                           (training with --feature-crop pools a
+                                                           random crop of it instead)
     flatten + transpose                 (B, 49, 1280)      one token per grid cell, row-major
     dropout (vision_dropout)            (B, 49, 1280)      training only: half the features zeroed
     proj ("mlp"): LN-Linear-GELU-Linear (B, 49, 192)       trainable; "linear": one Linear
 
-`backbone_features` is everything up to the flatten (frozen), `project` the rest; `forward` also
-accepts the (B, 49, 1280) features themselves, as cached by picovlm.data.features.
+`backbone_map` is the frozen backbone, `backbone_features` everything up to the flatten, `project`
+the rest; `forward` also accepts the (B, 49, 1280) features themselves, as cached by
+picovlm.data.features.
 
 One inverted residual block (expansion t, input c_in, output c_out, stride s):
 
