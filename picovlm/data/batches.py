@@ -19,6 +19,7 @@ A batch is trimmed to its longest caption, and normalised to float on the device
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -151,19 +152,28 @@ def crop_and_pool(maps: torch.Tensor, grid: int, min_scale: float, draws: torch.
 
     draws (B, 3) uniform in [0, 1) place the crops: its area share, min_scale to 1, rounded to
     whole cells, and its top and left cell. None: every crop is the whole map, the features of
-    the uncropped image. The cells of the crop come out unchanged when its side is the grid."""
+    the uncropped image. The cells of the crop come out unchanged when its side is the grid.
+
+    Average pooling over a window is linear and separable, so each map's crop-and-pool is one
+    product rows @ map @ cols^T, with rows and cols (grid, side) holding the pooling weights at
+    the crop's rows and columns: two batched matrix products instead of a pooling call per map."""
     B, P, C = maps.shape
     side = math.isqrt(P)
-    x = maps.view(B, side, side, C).permute(0, 3, 1, 2).float()  # (B, C, side, side)
-    if draws is None:
-        pooled = F.adaptive_avg_pool2d(x, grid)
-    else:
-        pooled = torch.empty(B, C, grid, grid)
-        for i, (u_scale, u_top, u_left) in enumerate(draws.tolist()):
-            crop = max(1, round(side * math.sqrt(min_scale + (1 - min_scale) * u_scale)))  # cells per side
-            top, left = int((side - crop + 1) * u_top), int((side - crop + 1) * u_left)
-            pooled[i] = F.adaptive_avg_pool2d(x[i, :, top:top + crop, left:left + crop], grid)
-    return pooled.flatten(2).transpose(1, 2).to(maps.dtype)  # (B, grid*grid, C)
+    rows, cols = torch.zeros(B, grid, side), torch.zeros(B, grid, side)
+    for i, (u_scale, u_top, u_left) in enumerate(draws.tolist() if draws is not None else [(1.0, 0.0, 0.0)] * B):
+        crop = max(1, round(side * math.sqrt(min_scale + (1 - min_scale) * u_scale)))  # cells per side
+        top, left = int((side - crop + 1) * u_top), int((side - crop + 1) * u_left)
+        rows[i, :, top:top + crop] = cols[i, :, left:left + crop] = _pool_weights(crop, grid)
+    x = maps.view(B, side, side * C).float()  # (B, side, side*C): rows of cells
+    pooled_rows = torch.bmm(rows, x).view(B, grid, side, C)  # (B, grid, side, C)
+    pooled = cols[:, None] @ pooled_rows  # (B, 1, grid, side) @ (B, grid, side, C) -> (B, grid, grid, C)
+    return pooled.reshape(B, grid * grid, C).to(maps.dtype)
+
+
+@functools.cache
+def _pool_weights(n: int, grid: int) -> torch.Tensor:
+    """(grid, n): row g averages the cells adaptive average pooling from n to grid puts in window g."""
+    return F.adaptive_avg_pool1d(torch.eye(n)[None], grid)[0].T
 
 
 def pad_rows(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
