@@ -62,3 +62,11 @@ def test_nanovlm_cpu_demo(tmp_path: Path) -> None:
     report = _run(*args)
     assert report["steps"] == 3 and report["multiple_choice_questions"] == 8
     assert set(report["accuracy_after"]) == {"likelihood", "generate"} and report["inference_peak_rss_mb_bf16"] > 50
+
+
+def test_feature_crop_cost() -> None:
+    report = _run("benchmarks.feature_crop_cost", "--steps", "1", "--batch-size", "4")
+    assert (report["map"], report["grid"], report["batch_size"]) == ("10x10", "7x7", 4)
+    assert report["cached_grid_ms_median"] > 0 and report["crop_and_pool_only_ms_median"] > 0
+    assert report["cropped_ms_median"] > report["crop_and_pool_only_ms_median"]
+    assert report["cropped_over_cached"] > 0
