@@ -339,13 +339,14 @@ def validate(model: SupraVL, dev: CaptionBatches | StreamBatches, tc: TrainConfi
 
 def check_feature_options(tc: TrainConfig, model: torch.nn.Module) -> None:
     """Mirrored and cropped features come from the feature cache: refuse them without it."""
-    needs_cache = [flag for flag, on in (("--mirror-features", tc.mirror_features),
-                                         ("--feature-crop", tc.feature_crop < 1)) if on]
-    if needs_cache and not uses_feature_cache(model, tc):
-        verb = "needs" if len(needs_cache) == 1 else "need"
-        raise UserError(f"{' and '.join(needs_cache)} {verb} a frozen MobileNetV2 whose features are cached: "
-                        "vision_type mobilenet_v2 without --augment (or turn it off: --no-mirror-features, "
-                        "--feature-crop 1)")
+    # (the flag at fault, the switch that turns it off)
+    at_fault = [(flag, off) for flag, off, on in (("--mirror-features", "--no-mirror-features", tc.mirror_features),
+                                                   ("--feature-crop", "--feature-crop 1", tc.feature_crop < 1)) if on]
+    if at_fault and not uses_feature_cache(model, tc):
+        flags, offs = " and ".join(f for f, _ in at_fault), ", ".join(o for _, o in at_fault)
+        verb, it = ("needs", "it") if len(at_fault) == 1 else ("need", "them")
+        raise UserError(f"{flags} {verb} a frozen MobileNetV2 whose features are cached: "
+                        f"vision_type mobilenet_v2 without --augment (or turn {it} off: {offs})")
 
 
 def check_selection(tc: TrainConfig, model: torch.nn.Module, data_dir: str | Path | None) -> None:

@@ -150,18 +150,25 @@ def test_training_uses_the_cache_only_without_augmentation(tmp_path: Path, shape
                      data_dir=shapes_dir, progress_bar=False)
     assert math.isfinite(mirrored["train_loss"])
     assert any(json.loads(p.read_text()).get("mirrored") for p in cache.glob("features-*.json"))
-    with pytest.raises(UserError, match="--mirror-features needs a frozen MobileNetV2"):
+    with pytest.raises(UserError, match="--mirror-features needs a frozen MobileNetV2") as refused:
         train(cfg, dataclasses.replace(tc, mirror_features=True, augment=True), tmp_path / "augmented",
               data_dir=shapes_dir, progress_bar=False)
+    # the message names the switch that turns off the flag at fault, not the other one
+    assert "--no-mirror-features" in str(refused.value) and "--feature-crop" not in str(refused.value)
     # --feature-crop trains on crops of the whole maps, from a third cache; it needs the cache too.
     cropped = train(cfg, dataclasses.replace(tc, feature_crop=0.5), tmp_path / "cropped", data_dir=shapes_dir,
                     progress_bar=False)
     assert math.isfinite(cropped["train_loss"]) and cropped["best_val_loss"] == pytest.approx(a["best_val_loss"],
                                                                                                rel=0.2)
     assert any(json.loads(p.read_text())["grid"] is None for p in cache.glob("features-*.json"))
-    with pytest.raises(UserError, match="--feature-crop needs a frozen MobileNetV2"):
+    with pytest.raises(UserError, match="--feature-crop needs a frozen MobileNetV2") as refused:
         train(cfg, dataclasses.replace(tc, feature_crop=0.5, feature_cache=False), tmp_path / "uncached",
               data_dir=shapes_dir, progress_bar=False)
+    assert "turn it off: --feature-crop 1" in str(refused.value) and "mirror" not in str(refused.value)
+    with pytest.raises(UserError, match="--mirror-features and --feature-crop need a frozen MobileNetV2") as refused:
+        train(cfg, dataclasses.replace(tc, feature_crop=0.5, mirror_features=True, feature_cache=False),
+              tmp_path / "uncached", data_dir=shapes_dir, progress_bar=False)
+    assert "turn them off: --no-mirror-features, --feature-crop 1" in str(refused.value)
     with pytest.raises(UserError, match=r"--feature-crop .* in \(0, 1\]; got 0"):
         train(cfg, dataclasses.replace(tc, feature_crop=0.0), tmp_path / "empty", data_dir=shapes_dir,
               progress_bar=False)
