@@ -31,7 +31,7 @@ def test_preset_train_settings_apply_unless_overridden(monkeypatch: pytest.Monke
 
 def test_pico_mobilenet_mirrors_and_crops_its_features_unless_augmenting_or_told_not_to() -> None:
     tc = preset_train_config("pico-mobilenet")
-    assert tc.mirror_features and tc.feature_crop == 0.5
+    assert tc.mirror_features and tc.feature_crop == 0.3 and tc.epochs == 8
     # --augment flips and crops pixels itself and turns the feature cache off: the preset's
     # mirroring and cropping yield ...
     tc = preset_train_config("pico-mobilenet", augment=True)
