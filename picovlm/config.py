@@ -388,7 +388,7 @@ def preset_train_config(name: str, **overrides: Any) -> TrainConfig:
         # --augment runs the backbone on flipped and cropped pixels itself, without the feature
         # cache that mirrored and cropped features come from: it takes the place of the preset's
         # mirroring and cropping (unless those are asked for, so that train() can refuse them).
-        for name in ("mirror_features", "feature_crop"):
-            if name not in given:
-                recipe.pop(name, None)
+        for field_name in ("mirror_features", "feature_crop"):
+            if field_name not in given:
+                recipe.pop(field_name, None)
     return TrainConfig(**{**recipe, **given})
