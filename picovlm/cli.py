@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=None, help=f"default: {TrainConfig.min_lr}")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"default: {TrainConfig.warmup_steps}")
     p.add_argument("--label-smoothing", type=float, default=None, help="default: the preset's, else 0")
+    p.add_argument("--word-loss", type=float, default=None, metavar="WEIGHT", help="add WEIGHT x a bag-of-words "
+                   "loss on the visual tokens (captioners on caption folders; default: the preset's, else 0)")
     for part in ("vision", "projector", "language"):
         p.add_argument(f"--lr-{part}", type=float, default=None, help=f"peak learning rate of the {part} part "
                        f"(default: --lr)")
@@ -248,7 +250,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                              lr_projector=args.lr_projector, lr_language=args.lr_language,
                              freeze=tuple(args.freeze) if args.freeze else None, grad_accum_steps=args.grad_accum,
                              ema_decay=args.ema, mirror_features=args.mirror_features, feature_crop=args.feature_crop,
-                             select_on=args.select_on,
+                             select_on=args.select_on, word_loss=args.word_loss,
                              **_scst_settings(args))
     summary = train(cfg, tc, args.out, data_dir=args.data, resume=args.resume, device=args.device,
                     progress_bar=not args.no_progress)

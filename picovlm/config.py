@@ -263,6 +263,9 @@ class TrainConfig:
     seed: int = 1337
     augment: bool = False
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
+    # > 0: add this weight times a bag-of-words loss on the visual tokens (SupraVL.words_loss) to the
+    # training loss; the logged train loss includes it, the dev loss never does
+    word_loss: float = 0.0
     # Peak learning rates per part (None: lr) and parts not trained at all: vision, projector, language.
     lr_vision: float | None = None
     lr_projector: float | None = None

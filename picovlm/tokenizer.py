@@ -57,6 +57,12 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of the tokens that are not words: <pad>, <bos>, <eos>, and <unk> where there is one."""
+        unk = self.tokenizer.token_to_id(UNK)
+        return [self.pad_id, self.bos_id, self.eos_id, *([] if unk is None else [unk])]
+
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 2048, kind: str = "bpe") -> CaptionTokenizer:
         """A tokenizer of `kind` ("bpe" or "word") with at most vocab_size tokens, special ones included."""

@@ -179,12 +179,13 @@ def accumulate_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     Returns each micro-batch's mean loss. Under DDP, gradients are averaged once, at the last."""
     optimizer.zero_grad(set_to_none=True)
     losses = []
+    extra = {"word_loss": tc.word_loss} if tc.word_loss else {}
     for i, (tensors, weight) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
         with out_of_memory_advice(tc.batch_size), no_sync:
             with autocast_context(precision, device):
-                _, loss = model(*tensors, loss_only=True, label_smoothing=tc.label_smoothing)
+                _, loss = model(*tensors, loss_only=True, label_smoothing=tc.label_smoothing, **extra)
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at step {step}; lower the learning rate "
                                 f"(--lr {tc.lr / 3:.1e}) or use --precision fp32, then start again")
@@ -219,8 +220,10 @@ def global_batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         share = int((piece.targets != IGNORE_INDEX).sum()) / n_global  # this piece's share of the targets
         # DDP averages gradients over processes: weighting each piece's mean loss by share * world
         # makes the sum the gradient of the mean over the whole batch, as in one process.
-        micro.append((to_device(piece, cfg, device, None if draws is None else draws[part]),
-                      share * dist_info.world_size))
+        tensors = to_device(piece, cfg, device, None if draws is None else draws[part])
+        if tc.word_loss:
+            tensors = (*tensors, piece.words.to(device))
+        micro.append((tensors, share * dist_info.world_size))
         shares.append(share)
     losses = accumulate_step(model, optimizer, scaler, micro, tc, precision, device, step)
     local = sum(loss * share for loss, share in zip(losses, shares))
@@ -516,6 +519,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     if not 0 < tc.feature_crop <= 1:
         raise UserError(f"--feature-crop is the smallest share of a feature map a crop covers, in (0, 1]; "
                         f"got {tc.feature_crop}")
+    if tc.word_loss < 0:
+        raise UserError(f"--word-loss is a weight, 0 or more; got {tc.word_loss}")
     main = dist_info.is_main  # only the first process writes files
     precision = resolve_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
@@ -539,6 +544,9 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
             model.load_pretrained_vision()
         model = model.to(device)
     check_selection(tc, model, data_dir)
+    if tc.word_loss and (not isinstance(model, SupraVL) or is_stream(data_dir)):
+        raise UserError("--word-loss needs a captioner trained on a caption folder (each image's reference "
+                        "captions in memory); drop it for this model or data")
     if isinstance(model, NanoVLM):
         data = prepare_vqa_data(data_dir, model, dist_info, device)
     else:  # a new SupraVL has no tokenizer yet: it is trained here

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import picovlm.train as train_mod
 from picovlm.config import TrainConfig
+from picovlm.data.batches import words_of_images
 from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
 from picovlm.train import get_lr, train
@@ -247,3 +248,54 @@ def test_cider_selection_needs_a_captioner_with_a_dev_split(tmp_path: Path) -> N
     train_mod.check_selection(TrainConfig(select_on="cider"), SupraVL(tiny_config()), None)  # built-in shapes
     with pytest.raises(UserError, match="unknown selection 'bleu'"):
         train(tiny_config(), TrainConfig(select_on="bleu"), "unused", progress_bar=False)
+
+
+def test_words_of_images_marks_the_tokens_of_each_images_captions_but_not_the_special_ones() -> None:
+    tokens = torch.tensor([[1, 5, 6, 2, 0], [1, 6, 7, 2, 0], [1, 3, 8, 2, 0]])  # <bos> ... <eos> <pad>
+    words = words_of_images(tokens, torch.tensor([0, 0, 1]), n_images=3, vocab_size=10, special_ids=[0, 1, 2, 3])
+    assert words[0].nonzero().flatten().tolist() == [5, 6, 7]  # both captions of image 0
+    assert words[1].nonzero().flatten().tolist() == [8]  # <unk> (3) is no word
+    assert not words[2].any()  # an image without captions
+
+
+def test_word_loss_adds_a_bag_of_words_loss_on_the_visual_tokens() -> None:
+    torch.manual_seed(0)
+    model = SupraVL(tiny_config())
+    images, input_ids = torch.randn(2, 3, 32, 32), torch.randint(4, 300, (2, 6))
+    targets = input_ids.roll(-1, 1)
+    words = torch.zeros(2, 300, dtype=torch.bool)
+    words[0, [5, 6]] = words[1, 7] = True
+    _, captions_only = model(images, input_ids, targets, loss_only=True)
+    _, both = model(images, input_ids, targets, words, loss_only=True, word_loss=0.5)
+    log_p = (model.encode_images(images).mean(1) @ model.tok_emb.weight.T).log_softmax(-1)  # (2, V)
+    by_hand = -(log_p[0, [5, 6]].mean() + log_p[1, 7]) / 2  # each image's words weighted alike
+    assert torch.allclose(both - captions_only, 0.5 * by_hand, atol=1e-5)
+    model.words_loss(model.encode_images(images), words).backward()
+    assert model.vis_enc.conv1[0].weight.grad.abs().sum() > 0  # straight to the encoder's first layer
+
+
+def test_training_with_word_loss_teaches_the_visual_tokens_the_captions_words(tmp_path: Path,
+                                                                            shapes_dir: Path) -> None:
+    from picovlm.checkpoint import from_pretrained
+    from picovlm.data.batches import CaptionBatches
+    from picovlm.data.flickr8k import load_split
+
+    losses = {}
+    for weight in (0.0, 1.0):
+        tc = TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_steps=5, word_loss=weight)
+        train(tiny_config(), tc, tmp_path / str(weight), data_dir=shapes_dir, progress_bar=False)
+        model = from_pretrained(tmp_path / str(weight) / "best").eval()
+        batch = CaptionBatches(load_split(shapes_dir, "train"), model.tokenizer, model.cfg,
+                               progress=False).batch(torch.arange(64))
+        images, _, _ = train_mod.to_device(batch, model.cfg, "cpu")
+        with torch.no_grad():
+            losses[weight] = model.words_loss(model.encode_images(images), batch.words).item()
+    assert losses[1.0] < losses[0.0] - 1.0, losses
+
+
+def test_word_loss_is_refused_where_no_captions_are_in_memory(tmp_path: Path) -> None:
+    (tmp_path / "shard-000000.tar").write_bytes(b"")  # a folder of shards is streamed
+    with pytest.raises(UserError, match="--word-loss needs a captioner trained on a caption folder"):
+        train(tiny_config(), TrainConfig(word_loss=1.0), tmp_path / "run", data_dir=tmp_path, progress_bar=False)
+    with pytest.raises(UserError, match="--word-loss is a weight, 0 or more"):
+        train(tiny_config(), TrainConfig(word_loss=-1.0), tmp_path / "run", progress_bar=False)

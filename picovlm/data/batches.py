@@ -5,6 +5,7 @@ Everything an epoch needs sits in memory as two arrays, so a batch is two gather
     images   (N_images, S, S, 3) uint8      decoded once, from the on-disk cache
     tokens   (N_pairs, L + 1) int64         [<bos>, caption..., <eos>, <pad>...], L = lm_max_text_len
     image_of (N_pairs,)                     which image each caption describes
+    image_words (N_images, V) bool          the tokens any of an image's captions uses
 
 With a frozen pretrained backbone and no augmentation, `use_features` swaps the pixels for the
 backbone's cached features, (N_images, grid*grid, C) float16 (picovlm.data.features), and
@@ -46,11 +47,12 @@ class Batch:
     targets: torch.Tensor  # (B, T) int64, IGNORE_INDEX on padding
     flippable: torch.Tensor  # (B,) bool: the caption says nothing about left or right
     is_features: bool = False  # images holds (B, grid*grid, C) float16 backbone features instead
+    words: torch.Tensor | None = None  # (B, V) bool: the tokens any caption of the row's image uses
 
     def rows(self, rows: slice) -> Batch:
         """Some rows of the batch (one process's share); the padded length stays the batch's."""
         return Batch(self.images[rows], self.input_ids[rows], self.targets[rows], self.flippable[rows],
-                     self.is_features)
+                     self.is_features, None if self.words is None else self.words[rows])
 
 
 class CaptionBatches:
@@ -77,6 +79,8 @@ class CaptionBatches:
         if not rows:
             raise ValueError("no readable (image, caption) pairs")
         self.tokens = pad_rows(rows, tokenizer.pad_id, max_tokens)
+        self.image_words = words_of_images(self.tokens, torch.tensor(image_of), len(data.captions),
+                                           cfg.lm_vocab_size, tokenizer.special_ids)
         self.lengths = torch.tensor([len(ids) for ids in rows])
         self.image_of = torch.tensor(image_of)
         self.flippable = torch.tensor(flippable)
@@ -140,7 +144,8 @@ class CaptionBatches:
             images[mirror] = self.mirrored[image_idx[mirror]]
         if self.crop_scale < 1:
             images = crop_and_pool(images, self.grid, self.crop_scale, crops)
-        return Batch(images, input_ids, targets, self.flippable[pair_idx], self.is_features)
+        return Batch(images, input_ids, targets, self.flippable[pair_idx], self.is_features,
+                     self.image_words[image_idx])
 
     def describe(self) -> str:
         return f"{len(self)} captions"
@@ -174,6 +179,16 @@ def crop_and_pool(maps: torch.Tensor, grid: int, min_scale: float, draws: torch.
 def _pool_weights(n: int, grid: int) -> torch.Tensor:
     """(grid, n): row g averages the cells adaptive average pooling from n to grid puts in window g."""
     return F.adaptive_avg_pool1d(torch.eye(n)[None], grid)[0].T
+
+
+def words_of_images(tokens: torch.Tensor, image_of: torch.Tensor, n_images: int, vocab_size: int,
+                    special_ids: list[int]) -> torch.Tensor:
+    """(N_pairs, L) padded caption tokens -> (n_images, vocab_size) bool: which tokens the captions of
+    each image use, the special ones (<pad>, <bos>, <eos>, <unk>) left out."""
+    words = torch.zeros(n_images, vocab_size, dtype=torch.bool)
+    words[image_of[:, None].expand_as(tokens), tokens] = True
+    words[:, special_ids] = False
+    return words
 
 
 def pad_rows(rows: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:

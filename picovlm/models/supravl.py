@@ -124,28 +124,49 @@ class SupraVL(nn.Module):
         return self.ln_f(x[:, -n_text:])  # (B, T, D)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_only: bool = False, label_smoothing: float = 0.0,
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                words: torch.Tensor | None = None, loss_only: bool = False, label_smoothing: float = 0.0,
+                word_loss: float = 0.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Training/eval pass. images (B, 3, H, W), input_ids and targets (B, T).
 
         Returns logits (B, T, V) and the mean cross-entropy over targets != IGNORE_INDEX.
         loss_only (training): the head runs only where a target exists, logits are None.
         label_smoothing: the target distribution puts 1 - eps on the target, eps spread uniformly
         over the vocabulary (Szegedy et al. 2016); training only.
+        word_loss > 0 (training): add word_loss times words_loss(visual, words), words (B, V) bool.
         """
-        h = self.hidden_states(input_ids, self.encode_images(images))  # (B, T, D)
+        visual = self.encode_images(images)  # (B, P, D)
+        h = self.hidden_states(input_ids, visual)  # (B, T, D)
         if loss_only:
             # Padding carries no loss, and the head (D x V) is the largest matmul of the decoder:
             # skip it there. (N, D) -> (N, V) for the N real targets.
             keep = targets != IGNORE_INDEX
             logits = self.lm_head(h[keep])
-            return None, F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
+            if word_loss > 0 and words is not None:
+                loss = loss + word_loss * self.words_loss(visual, words)
+            return None, loss
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                    label_smoothing=label_smoothing)
         return logits, loss
+
+    def words_loss(self, visual: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """Bag-of-words loss: can the image's visual tokens tell which words its captions use?
+
+        visual (B, P, D) tokens, words (B, V) bool (the tokens of all the image's reference captions):
+
+            visual.mean(1)                     (B, D)   the whole image
+            @ tok_emb.weight.T                 (B, V)   a score per token: no new parameters
+            cross-entropy against words / words.sum(1)  (the tokens' uniform distribution)
+
+        The caption loss reaches the encoder only through the decoder's attention; this one asks the
+        visual tokens directly to lie near the embeddings of the words people use for the image, a
+        stronger signal for an encoder trained from scratch (Joulin et al. 2016 pretrain on it)."""
+        scores = visual.mean(1) @ self.tok_emb.weight.T  # (B, V)
+        share = words.float() / words.sum(1, keepdim=True).clamp(min=1)  # (B, V), rows sum to 1
+        return F.cross_entropy(scores.float(), share)
 
     def next_token_logits(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
                           cache: KVCache | None = None) -> torch.Tensor:
