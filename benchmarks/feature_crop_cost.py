@@ -4,7 +4,7 @@ against the same step on a random crop of each cached whole map, pooled to the g
 step. The features are random stand-ins for the cached ones (the cost does not depend on their
 values), so no data or backbone weights are needed. Prints JSON.
 
-    python -m benchmarks.feature_crop_cost [--steps 20] [--batch-size 64] [--crop 0.5]
+    python -m benchmarks.feature_crop_cost [--steps 20] [--batch-size 64] [--crop SCALE]
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=20, help="timed steps of each, alternating")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop", type=float, default=0.5, help="smallest share of the map a crop covers")
+    p.add_argument("--crop", type=float, default=preset_train_config("pico-mobilenet").feature_crop,
+                   help="smallest share of the map a crop covers (default: pico-mobilenet's)")
     args = p.parse_args()
 
     cfg = get_preset("pico-mobilenet").with_overrides({"vision_weights": "none"})
