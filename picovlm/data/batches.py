@@ -164,11 +164,14 @@ def crop_and_pool(maps: torch.Tensor, grid: int, min_scale: float, draws: torch.
     the crop's rows and columns: two batched matrix products instead of a pooling call per map."""
     B, P, C = maps.shape
     side = math.isqrt(P)
-    rows, cols = torch.zeros(B, grid, side), torch.zeros(B, grid, side)
-    for i, (u_scale, u_top, u_left) in enumerate(draws.tolist() if draws is not None else [(1.0, 0.0, 0.0)] * B):
-        crop = max(1, round(side * math.sqrt(min_scale + (1 - min_scale) * u_scale)))  # cells per side
-        top, left = int((side - crop + 1) * u_top), int((side - crop + 1) * u_left)
-        rows[i, :, top:top + crop] = cols[i, :, left:left + crop] = _pool_weights(crop, grid)
+    if draws is None:  # every map whole: one set of weights serves all
+        rows = cols = _pool_weights(side, grid).expand(B, grid, side)
+    else:
+        rows, cols = torch.zeros(B, grid, side), torch.zeros(B, grid, side)
+        for i, (u_scale, u_top, u_left) in enumerate(draws.tolist()):
+            crop = max(1, round(side * math.sqrt(min_scale + (1 - min_scale) * u_scale)))  # cells per side
+            top, left = int((side - crop + 1) * u_top), int((side - crop + 1) * u_left)
+            rows[i, :, top:top + crop] = cols[i, :, left:left + crop] = _pool_weights(crop, grid)
     x = maps.view(B, side, side * C).float()  # (B, side, side*C): rows of cells
     pooled_rows = torch.bmm(rows, x).view(B, grid, side, C)  # (B, grid, side, C)
     pooled = cols[:, None] @ pooled_rows  # (B, 1, grid, side) @ (B, grid, side, C) -> (B, grid, grid, C)
