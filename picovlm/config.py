@@ -264,7 +264,8 @@ class TrainConfig:
     augment: bool = False
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
     # > 0: add this weight times a bag-of-words loss on the visual tokens (SupraVL.words_loss) to the
-    # training loss; the logged train loss includes it, the dev loss never does
+    # training loss; the logged train loss includes it, the dev loss never does. Cross-entropy
+    # training only: SCST (scst_epochs) does without it.
     word_loss: float = 0.0
     # Peak learning rates per part (None: lr) and parts not trained at all: vision, projector, language.
     lr_vision: float | None = None

@@ -521,6 +521,9 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                         f"got {tc.feature_crop}")
     if tc.word_loss < 0:
         raise UserError(f"--word-loss is a weight, 0 or more; got {tc.word_loss}")
+    if tc.word_loss and (cfg.family == "nanovlm" or is_stream(data_dir)):
+        raise UserError("--word-loss needs a captioner trained on a caption folder (each image's reference "
+                        "captions in memory); drop it for this model or data")
     main = dist_info.is_main  # only the first process writes files
     precision = resolve_precision(tc.precision, device)
     torch.manual_seed(tc.seed)
@@ -544,9 +547,6 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
             model.load_pretrained_vision()
         model = model.to(device)
     check_selection(tc, model, data_dir)
-    if tc.word_loss and (not isinstance(model, SupraVL) or is_stream(data_dir)):
-        raise UserError("--word-loss needs a captioner trained on a caption folder (each image's reference "
-                        "captions in memory); drop it for this model or data")
     if isinstance(model, NanoVLM):
         data = prepare_vqa_data(data_dir, model, dist_info, device)
     else:  # a new SupraVL has no tokenizer yet: it is trained here
@@ -555,6 +555,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                             model.vis_enc if uses_feature_cache(model, tc) else None, progress_bar,
                             tc.mirror_features, tc.feature_crop)
         to_channels_last(model)
+        if tc.word_loss:
+            data.train.serve_words()
     data_path = data.path
     model.tokenizer = data.tokenizer
     model.train()

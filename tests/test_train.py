@@ -16,9 +16,10 @@ import picovlm.train as train_mod
 from picovlm.config import TrainConfig
 from picovlm.data.batches import words_of_images
 from picovlm.errors import UserError
-from picovlm.models.supravl import SupraVL
+from picovlm.models.supravl import IGNORE_INDEX, SupraVL
 from picovlm.train import get_lr, train
 from tests.conftest import ctrl_c_during_step, tiny_config
+from tests.test_nanovlm import tiny_nanovlm
 
 
 def test_trained_run_learns_and_writes_everything(trained_run: Path) -> None:
@@ -263,14 +264,26 @@ def test_word_loss_adds_a_bag_of_words_loss_on_the_visual_tokens() -> None:
     model = SupraVL(tiny_config())
     images, input_ids = torch.randn(2, 3, 32, 32), torch.randint(4, 300, (2, 6))
     targets = input_ids.roll(-1, 1)
+    targets[1, 4:] = IGNORE_INDEX  # row 0 has 6 targets, row 1 has 4
     words = torch.zeros(2, 300, dtype=torch.bool)
     words[0, [5, 6]] = words[1, 7] = True
     _, captions_only = model(images, input_ids, targets, loss_only=True)
     _, both = model(images, input_ids, targets, words, loss_only=True, word_loss=0.5)
     log_p = (model.encode_images(images).mean(1) @ model.tok_emb.weight.T).log_softmax(-1)  # (2, V)
-    by_hand = -(log_p[0, [5, 6]].mean() + log_p[1, 7]) / 2  # each image's words weighted alike
+    per_row = torch.stack([-log_p[0, [5, 6]].mean(), -log_p[1, 7]])  # each image's words weighted alike
+    by_hand = (6 * per_row[0] + 4 * per_row[1]) / 10  # the rows weighted by their targets
     assert torch.allclose(both - captions_only, 0.5 * by_hand, atol=1e-5)
-    model.words_loss(model.encode_images(images), words).backward()
+    with pytest.raises(ValueError, match="word_loss needs the words"):
+        model(images, input_ids, targets, loss_only=True, word_loss=0.5)
+    # Split into micro-batches or processes, each part's loss weighted by its share of the targets
+    # (train.global_batch_step) adds up to the whole batch's loss. (eval: batch norm's running statistics)
+    model.eval()
+    _, whole = model(images, input_ids, targets, words, loss_only=True, word_loss=0.5)
+    parts = [model(images[r], input_ids[r], targets[r], words[r], loss_only=True, word_loss=0.5)[1]
+             for r in (slice(0, 1), slice(1, 2))]
+    assert torch.allclose(whole, (6 * parts[0] + 4 * parts[1]) / 10, atol=1e-5)
+    model.train()
+    model.words_loss(model.encode_images(images), words).sum().backward()
     assert model.vis_enc.conv1[0].weight.grad.abs().sum() > 0  # straight to the encoder's first layer
 
 
@@ -285,11 +298,13 @@ def test_training_with_word_loss_teaches_the_visual_tokens_the_captions_words(tm
         tc = TrainConfig(epochs=8, batch_size=32, lr=3e-3, warmup_steps=5, word_loss=weight)
         train(tiny_config(), tc, tmp_path / str(weight), data_dir=shapes_dir, progress_bar=False)
         model = from_pretrained(tmp_path / str(weight) / "best").eval()
-        batch = CaptionBatches(load_split(shapes_dir, "train"), model.tokenizer, model.cfg,
-                               progress=False).batch(torch.arange(64))
+        batches = CaptionBatches(load_split(shapes_dir, "train"), model.tokenizer, model.cfg, progress=False)
+        assert batches.batch(torch.arange(4)).words is None  # built only when asked for
+        batches.serve_words()
+        batch = batches.batch(torch.arange(64))
         images, _, _ = train_mod.to_device(batch, model.cfg, "cpu")
         with torch.no_grad():
-            losses[weight] = model.words_loss(model.encode_images(images), batch.words).item()
+            losses[weight] = model.words_loss(model.encode_images(images), batch.words).mean().item()
     assert losses[1.0] < losses[0.0] - 1.0, losses
 
 
@@ -297,5 +312,7 @@ def test_word_loss_is_refused_where_no_captions_are_in_memory(tmp_path: Path) ->
     (tmp_path / "shard-000000.tar").write_bytes(b"")  # a folder of shards is streamed
     with pytest.raises(UserError, match="--word-loss needs a captioner trained on a caption folder"):
         train(tiny_config(), TrainConfig(word_loss=1.0), tmp_path / "run", data_dir=tmp_path, progress_bar=False)
+    with pytest.raises(UserError, match="--word-loss needs a captioner"):  # before loading any weights
+        train(tiny_nanovlm(), TrainConfig(word_loss=1.0), tmp_path / "run", progress_bar=False)
     with pytest.raises(UserError, match="--word-loss is a weight, 0 or more"):
         train(tiny_config(), TrainConfig(word_loss=-1.0), tmp_path / "run", progress_bar=False)

@@ -1,11 +1,12 @@
 """Training batches: cached uint8 images + pre-tokenised captions, gathered by index.
 
-Everything an epoch needs sits in memory as two arrays, so a batch is two gathers:
+Everything an epoch needs sits in memory as arrays, so a batch is a few gathers:
 
     images   (N_images, S, S, 3) uint8      decoded once, from the on-disk cache
     tokens   (N_pairs, L + 1) int64         [<bos>, caption..., <eos>, <pad>...], L = lm_max_text_len
     image_of (N_pairs,)                     which image each caption describes
-    image_words (N_images, V) bool          the tokens any of an image's captions uses
+    image_words (N_images, V) bool          (with serve_words, for --word-loss) the tokens
+                                            any of an image's captions uses
 
 With a frozen pretrained backbone and no augmentation, `use_features` swaps the pixels for the
 backbone's cached features, (N_images, grid*grid, C) float16 (picovlm.data.features), and
@@ -79,12 +80,12 @@ class CaptionBatches:
         if not rows:
             raise ValueError("no readable (image, caption) pairs")
         self.tokens = pad_rows(rows, tokenizer.pad_id, max_tokens)
-        self.image_words = words_of_images(self.tokens, torch.tensor(image_of), len(data.captions),
-                                           cfg.lm_vocab_size, tokenizer.special_ids)
         self.lengths = torch.tensor([len(ids) for ids in rows])
         self.image_of = torch.tensor(image_of)
         self.flippable = torch.tensor(flippable)
         self.ok = torch.from_numpy(ok)
+        self.vocab_size, self.special_ids = cfg.lm_vocab_size, tokenizer.special_ids
+        self.image_words: torch.Tensor | None = None  # see serve_words
         self.n_truncated = truncated
         self.is_features = False
         self.mirrored: torch.Tensor | None = None  # (N_images, P, C) features of the mirrored images
@@ -105,6 +106,13 @@ class CaptionBatches:
         self.mirrored = torch.from_numpy(np.array(mirrored)) if mirrored is not None else None
         self.is_features = True
         self.crop_scale = crop_scale
+
+    def serve_words(self) -> None:
+        """From now on every batch also carries, for each row, the tokens of all its image's captions
+        (Batch.words), the targets of --word-loss. A mirrored image keeps its words: a left or right
+        from another of its captions can stay in the bag."""
+        self.image_words = words_of_images(self.tokens, self.image_of, len(self.images), self.vocab_size,
+                                           self.special_ids)
 
     def __len__(self) -> int:
         """Number of (image, caption) pairs."""
@@ -144,8 +152,8 @@ class CaptionBatches:
             images[mirror] = self.mirrored[image_idx[mirror]]
         if self.crop_scale < 1:
             images = crop_and_pool(images, self.grid, self.crop_scale, crops)
-        return Batch(images, input_ids, targets, self.flippable[pair_idx], self.is_features,
-                     self.image_words[image_idx])
+        words = self.image_words[image_idx] if self.image_words is not None else None
+        return Batch(images, input_ids, targets, self.flippable[pair_idx], self.is_features, words)
 
     def describe(self) -> str:
         return f"{len(self)} captions"

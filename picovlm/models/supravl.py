@@ -132,8 +132,13 @@ class SupraVL(nn.Module):
         loss_only (training): the head runs only where a target exists, logits are None.
         label_smoothing: the target distribution puts 1 - eps on the target, eps spread uniformly
         over the vocabulary (Szegedy et al. 2016); training only.
-        word_loss > 0 (training): add word_loss times words_loss(visual, words), words (B, V) bool.
+        word_loss > 0 (training, with loss_only): the loss returned is the caption loss plus word_loss
+        times words_loss(visual, words), words (B, V) bool, each row weighted by its caption's
+        targets like the caption loss, so that a batch's loss does not depend on how it is split
+        into micro-batches or processes.
         """
+        if word_loss > 0 and (words is None or not loss_only):
+            raise ValueError("word_loss needs the words of each image, and loss_only")
         visual = self.encode_images(images)  # (B, P, D)
         h = self.hidden_states(input_ids, visual)  # (B, T, D)
         if loss_only:
@@ -142,8 +147,9 @@ class SupraVL(nn.Module):
             keep = targets != IGNORE_INDEX
             logits = self.lm_head(h[keep])
             loss = F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
-            if word_loss > 0 and words is not None:
-                loss = loss + word_loss * self.words_loss(visual, words)
+            if word_loss > 0:
+                n_targets = keep.sum(1).float()  # (B,)
+                loss = loss + word_loss * (self.words_loss(visual, words) * n_targets).sum() / n_targets.sum()
             return None, loss
         logits = self.lm_head(h)  # (B, T, V)
         loss = None
@@ -153,20 +159,23 @@ class SupraVL(nn.Module):
         return logits, loss
 
     def words_loss(self, visual: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        """Bag-of-words loss: can the image's visual tokens tell which words its captions use?
+        """Bag-of-words loss: can an image's visual tokens tell which tokens its captions use?
 
-        visual (B, P, D) tokens, words (B, V) bool (the tokens of all the image's reference captions):
+        visual (B, P, D) tokens, words (B, V) bool (the tokens of all the image's reference captions;
+        BPE pieces with the default tokenizer) -> (B,) one loss per row:
 
             visual.mean(1)                     (B, D)   the whole image
             @ tok_emb.weight.T                 (B, V)   a score per token: no new parameters
             cross-entropy against words / words.sum(1)  (the tokens' uniform distribution)
 
         The caption loss reaches the encoder only through the decoder's attention; this one asks the
-        visual tokens directly to lie near the embeddings of the words people use for the image, a
-        stronger signal for an encoder trained from scratch (Joulin et al. 2016 pretrain on it)."""
+        visual tokens directly to lie near the embeddings of the tokens people use for the image, a
+        stronger signal for an encoder trained from scratch (Joulin et al. 2016 pretrain on it).
+        The token embeddings (with tied weights also the output head) learn from it too: both sides
+        meet in one space."""
         scores = visual.mean(1) @ self.tok_emb.weight.T  # (B, V)
         share = words.float() / words.sum(1, keepdim=True).clamp(min=1)  # (B, V), rows sum to 1
-        return F.cross_entropy(scores.float(), share)
+        return F.cross_entropy(scores.float(), share, reduction="none")
 
     def next_token_logits(self, input_ids: torch.Tensor, visual: torch.Tensor | None = None,
                           cache: KVCache | None = None) -> torch.Tensor:
