@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +46,7 @@ def _image(shapes_dir: Path, i: int = 0) -> Path:
     return dev.image_dir / dev.names[i]
 
 
-def test_health_and_page(server) -> None:
+def test_health_and_page(server, shapes_dir: Path) -> None:
     base, model = server
     with urllib.request.urlopen(base + "/health") as r:
         health = json.loads(r.read())
@@ -53,8 +55,13 @@ def test_health_and_page(server) -> None:
     with urllib.request.urlopen(base + "/") as r:
         page = r.read().decode()
     assert 'id="file"' in page and 'id="strategy"' in page
-    offered = re.findall(r'<option value="(\w+)"', page)
+    queries = [html.unescape(q) for q in re.findall(r'<option value="([^"]+)"', page)]  # what the page sends
+    offered = [urllib.parse.parse_qs(q)["strategy"][0] for q in queries]
     assert "mbr" in offered and set(offered) <= set(STRATEGIES)  # the page offers only what the server takes
+    assert "strategy=mbr&beam_width=8" in queries
+    for query in queries:  # and the server takes every option's query
+        status, _ = _post(f"{base}/explain?{query}", _image(shapes_dir).read_bytes(), "image/png")
+        assert status == 200, query
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "mbr"])
