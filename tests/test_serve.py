@@ -140,13 +140,15 @@ def test_page_in_headless_chromium(server, shapes_dir: Path) -> None:
         driver.get(base + "/")
         image = _image(shapes_dir, 1)
         driver.find_element(By.ID, "file").send_keys(str(image))
-        Select(driver.find_element(By.ID, "strategy")).select_by_value("greedy")
-        driver.find_element(By.ID, "go").click()
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.ID, "caption").text not in ("", "…"))
-        assert driver.find_element(By.ID, "caption").text == model.caption([image], strategy="greedy")[0]
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#maps figure")) == len(
-            driver.find_element(By.ID, "caption").text.split())
+        for option, kwargs in (("strategy=greedy", {"strategy": "greedy"}),
+                               ("strategy=mbr&beam_width=8", {"strategy": "mbr", "beam_width": 8})):
+            Select(driver.find_element(By.ID, "strategy")).select_by_value(option)
+            driver.find_element(By.ID, "go").click()
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: d.find_element(By.ID, "caption").text not in ("", "…"))
+            assert driver.find_element(By.ID, "caption").text == model.caption([image], **kwargs)[0], option
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#maps figure")) == len(
+                driver.find_element(By.ID, "caption").text.split())
         assert "tiny-test-model" in driver.find_element(By.ID, "model").text
     finally:
         driver.quit()
