@@ -45,12 +45,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None, help="seed for the sampling strategies")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--mirror", action="store_true",
+                   help="also read each image mirrored; decode from the two views' averaged log-probs")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     return {"beam_width": args.beam_width, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+            "seed": args.seed, "max_new_tokens": args.max_new_tokens, "mirror": args.mirror}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,7 @@ class GenerationConfig:
     top_p: float = 0.9
     seed: int | None = None  # for the sampling strategies
     use_cache: bool = True
+    mirror: bool = False  # also read each image mirrored and average the two views' next-token log-probs
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -96,6 +97,28 @@ class _PrefixSession:
             self.visual = self.visual.index_select(0, rows)
 
 
+class _ViewsSession:
+    """Test-time augmentation: each image seen in several views (the image and its mirror), the
+    next-token log-probabilities averaged over its views, so every strategy decodes one caption
+    per image from the views' agreement. The inner session holds view k of row i at k * N + i."""
+
+    def __init__(self, inner: DecodingSession, n_views: int, n_rows: int):
+        self.inner, self.n_views, self.n_rows = inner, n_views, n_rows
+
+    def _average(self, logits: torch.Tensor) -> torch.Tensor:  # (n_views * N, V) -> (N, V)
+        return F.log_softmax(logits.float(), dim=-1).view(self.n_views, self.n_rows, -1).mean(dim=0)
+
+    def prefill(self) -> torch.Tensor:
+        return self._average(self.inner.prefill())
+
+    def step(self, seqs: torch.Tensor) -> torch.Tensor:
+        return self._average(self.inner.step(seqs.repeat(self.n_views, 1)))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.inner.select_rows(torch.cat([rows + k * self.n_rows for k in range(self.n_views)]))
+        self.n_rows = rows.shape[0]
+
+
 def _max_steps(model: SupraVL, gen: GenerationConfig) -> int:
     limit = model.cfg.lm_max_text_len  # the longest text input is <bos> + (limit - 1) tokens
     return limit if gen.max_new_tokens is None else max(0, min(gen.max_new_tokens, limit))
@@ -105,18 +128,26 @@ def _max_steps(model: SupraVL, gen: GenerationConfig) -> int:
 def generate(model: SupraVL, images: torch.Tensor, gen: GenerationConfig | None = None) -> list[list[int]]:
     """images (B, 3, H, W) normalised -> B token lists (no <bos>, cut before <eos>)."""
     model.eval()
+    if gen is not None and gen.mirror:  # the mirrored views after the originals: (2B, 3, H, W)
+        images = torch.cat([images, images.flip(-1)])
     return generate_from_visual(model, model.encode_images(images), gen)  # visual tokens (B, P, D)
 
 
 @torch.inference_mode()
 def generate_from_visual(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig | None = None
                          ) -> list[list[int]]:
-    """generate() for images already encoded: visual (B, P, D) -> B token lists."""
+    """generate() for images already encoded: visual (B, P, D) -> B token lists. With gen.mirror,
+    visual is (2B, P, D): the B images, then the same images mirrored."""
     gen = gen or GenerationConfig()
     gen.validate()
     model.eval()
     start = torch.full((visual.shape[0], 1), model.cfg.bos_token_id, dtype=torch.long, device=visual.device)
-    session = _PrefixSession(model, visual, start, gen.use_cache)
+    session: DecodingSession = _PrefixSession(model, visual, start, gen.use_cache)
+    if gen.mirror:
+        if visual.shape[0] % 2:
+            raise ValueError("mirror needs the visual tokens of each image and of its mirror: an even batch")
+        start = start[:visual.shape[0] // 2]
+        session = _ViewsSession(session, n_views=2, n_rows=start.shape[0])
     return decode(session, start, gen, model.cfg.eos_token_id, _max_steps(model, gen))
 
 

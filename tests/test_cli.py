@@ -67,6 +67,20 @@ def test_caption_cli_text_and_json(trained_run: Path, shapes_dir: Path) -> None:
     assert json.loads(result.stdout)[0]["image"] == images[0]
 
 
+def test_caption_cli_mirror_decodes_from_both_views(trained_run: Path, shapes_dir: Path, monkeypatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import picovlm
+    import picovlm.generate as generation
+
+    image = str(load_split(shapes_dir, "dev").image_dir / load_split(shapes_dir, "dev").names[1])
+    views_sessions, views_session = [], generation._ViewsSession
+    monkeypatch.setattr(generation, "_ViewsSession", lambda *a, **k: views_sessions.append(k) or views_session(*a, **k))
+    assert main(["caption", image, "--model", str(trained_run / "best"), "--mirror", "--json"]) == 0
+    assert views_sessions == [{"n_views": 2, "n_rows": 1}]  # the flag reached the decoder
+    caption = json.loads(capsys.readouterr().out)[0]["caption"]
+    assert caption == picovlm.load(str(trained_run / "best")).caption([image], mirror=True)[0]
+
+
 def test_caption_errors(tmp_path: Path, trained_run: Path, shapes_dir: Path) -> None:
     good = str(next((shapes_dir / "Images").iterdir()))
     (tmp_path / "broken.jpg").write_text("not a jpeg")

@@ -8,12 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import picovlm
 from picovlm.data.flickr8k import load_split
 from picovlm.errors import UserError
-from picovlm.generate import GenerationConfig, _consensus, decode, generate, preprocess, sentence_bleu
+from picovlm.generate import (
+    GenerationConfig,
+    _consensus,
+    _PrefixSession,
+    _ViewsSession,
+    decode,
+    generate,
+    preprocess,
+    sentence_bleu,
+)
 from picovlm.kv_cache import KVCache
 from picovlm.models.supravl import SupraVL
 from tests.conftest import tiny_config
@@ -26,6 +36,8 @@ STRATEGY_CASES = [
     GenerationConfig(strategy="sample", temperature=1.1, seed=7),
     GenerationConfig(strategy="topk", top_k=20, temperature=0.9, seed=7),
     GenerationConfig(strategy="topp", top_p=0.8, temperature=1.2, seed=7),
+    GenerationConfig(strategy="beam", beam_width=3, mirror=True),
+    GenerationConfig(strategy="topk", top_k=20, temperature=0.9, seed=7, mirror=True),
 ]
 
 
@@ -36,7 +48,7 @@ def model_and_pixels(trained_run: Path, shapes_dir: Path) -> tuple[SupraVL, torc
     return model, preprocess([dev.image_dir / n for n in dev.names[:8]], model)
 
 
-@pytest.mark.parametrize("gen", STRATEGY_CASES, ids=lambda g: f"{g.strategy}-{g.length_penalty}")
+@pytest.mark.parametrize("gen", STRATEGY_CASES, ids=lambda g: f"{g.strategy}-{g.length_penalty}-{g.mirror}")
 def test_cache_gives_the_tokens_of_full_recomputation(model_and_pixels, gen: GenerationConfig) -> None:
     model, pixels = model_and_pixels
     cached = generate(model, pixels, gen)
@@ -121,6 +133,30 @@ def test_batched_equals_one_at_a_time(model_and_pixels, strategy: str) -> None:
     gen = GenerationConfig(strategy=strategy)
     batched = generate(model, pixels, gen)
     assert batched == [generate(model, pixels[i:i + 1], gen)[0] for i in range(len(pixels))]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "mbr"])
+def test_mirror_decodes_from_both_views_alike(model_and_pixels, strategy: str) -> None:
+    """The image and its mirror are the same two views, so they get the same caption; each is
+    decoded on its own in a batch; and the average of the views is not the first view alone."""
+    model, pixels = model_and_pixels
+    gen = GenerationConfig(strategy=strategy, beam_width=4, mirror=True)
+    mirrored = generate(model, pixels, gen)
+    assert mirrored == generate(model, pixels.flip(-1), gen)
+    assert mirrored == [generate(model, pixels[i:i + 1], gen)[0] for i in range(len(pixels))]
+
+
+
+def test_mirror_averages_the_log_probs_of_the_two_views(model_and_pixels) -> None:
+    model, pixels = model_and_pixels
+    visual = model.encode_images(torch.cat([pixels, pixels.flip(-1)]))  # (2B, P, D)
+    B = len(pixels)
+    start = torch.full((2 * B, 1), model.cfg.bos_token_id)
+    session = _ViewsSession(_PrefixSession(model, visual, start, use_cache=True), n_views=2, n_rows=B)
+    views = [F.log_softmax(model.next_token_logits(start[:B], v), dim=-1) for v in (visual[:B], visual[B:])]
+    averaged = session.prefill()  # (B, V)
+    torch.testing.assert_close(averaged, (views[0] + views[1]) / 2)
+    assert not torch.allclose(averaged, views[0], atol=1e-3)  # the mirror changes what the model reads
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(model_and_pixels) -> None:
