@@ -3,7 +3,8 @@
     GET  /          the page: drop or pick an image, choose a decoding strategy, see the caption
                     and each word's attention map
     GET  /health    {"status": "ok", "model": ..., "params_unique": ...}
-    POST /caption   body: the image bytes (Content-Type image/*); query: strategy, beam_width, ...
+    POST /caption   body: the image bytes (Content-Type image/*); query: strategy, beam_width,
+                    mirror (1: decode from the image and its mirror), ...
                     -> {"caption": ..., "strategy": ..., "seconds": ...}
     POST /explain   the same -> {"caption": ..., "words": [{"word", "heatmap" (PNG data URL),
                     "grid" (attention per visual token), "mass"}], ...}
@@ -39,6 +40,7 @@ from picovlm.models.supravl import SupraVL
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 _NUMERIC = {"beam_width": int, "top_k": int, "max_new_tokens": int, "seed": int,
             "top_p": float, "temperature": float, "length_penalty": float}
+_SWITCHES = {"mirror": {"1": True, "true": True, "0": False, "false": False}}
 
 
 class ApiError(Exception):
@@ -74,6 +76,11 @@ class CaptionService:
         kwargs: dict[str, Any] = {}
         for key, values in query.items():
             if key == "strategy":
+                continue
+            if key in _SWITCHES:
+                if values[0].lower() not in _SWITCHES[key]:
+                    raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be 1 or 0, got {values[0]!r}")
+                kwargs[key] = _SWITCHES[key][values[0].lower()]
                 continue
             if key not in _NUMERIC:
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown parameter {key!r}")

@@ -58,18 +58,24 @@ def test_health_and_page(server, shapes_dir: Path) -> None:
     queries = [html.unescape(q) for q in re.findall(r'<option value="([^"]+)"', page)]  # what the page sends
     offered = [urllib.parse.parse_qs(q)["strategy"][0] for q in queries]
     assert "mbr" in offered and set(offered) <= set(STRATEGIES)  # the page offers only what the server takes
-    assert "strategy=mbr&beam_width=8" in queries
+    assert "strategy=mbr&beam_width=8" in queries and "strategy=beam&beam_width=3&mirror=1" in queries
     for query in queries:  # and the server takes every option's query
         status, _ = _post(f"{base}/explain?{query}", _image(shapes_dir).read_bytes(), "image/png")
         assert status == 200, query
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam", "mbr"])
-def test_caption_matches_the_python_api(server, shapes_dir: Path, strategy: str) -> None:
+@pytest.mark.parametrize("query, kwargs", [
+    ("strategy=greedy", {"strategy": "greedy"}),
+    ("strategy=beam", {"strategy": "beam"}),
+    ("strategy=mbr", {"strategy": "mbr"}),
+    ("strategy=greedy&mirror=1", {"strategy": "greedy", "mirror": True}),
+    ("strategy=mbr&beam_width=8&mirror=true", {"strategy": "mbr", "beam_width": 8, "mirror": True}),
+])
+def test_caption_matches_the_python_api(server, shapes_dir: Path, query: str, kwargs: dict) -> None:
     base, model = server
     image = _image(shapes_dir)
-    status, result = _post(f"{base}/caption?strategy={strategy}", image.read_bytes())
-    assert status == 200 and result["caption"] == model.caption([image], strategy=strategy)[0]
+    status, result = _post(f"{base}/caption?{query}", image.read_bytes())
+    assert status == 200 and result["caption"] == model.caption([image], **kwargs)[0]
 
 
 def test_explain_returns_words_with_maps(server, shapes_dir: Path) -> None:
@@ -88,6 +94,7 @@ def test_explain_returns_words_with_maps(server, shapes_dir: Path) -> None:
     ("/caption", b"", "image/jpeg", 400, "empty"),
     ("/caption?strategy=nucleus", b"x", "image/jpeg", 400, "unknown strategy"),
     ("/caption?beam_width=three", b"x", "image/jpeg", 400, "must be a number"),
+    ("/caption?mirror=maybe", b"x", "image/jpeg", 400, "mirror must be 1 or 0"),
     ("/nowhere", b"x", "image/jpeg", 404, "no endpoint"),
 ])
 def test_bad_uploads_get_clear_errors(server, path: str, body: bytes, content_type: str, status: int,
