@@ -72,7 +72,8 @@ def test_caption_cli_mirror_decodes_from_both_views(trained_run: Path, shapes_di
     import picovlm
     import picovlm.generate as generation
 
-    image = str(load_split(shapes_dir, "dev").image_dir / load_split(shapes_dir, "dev").names[1])
+    dev = load_split(shapes_dir, "dev")
+    image = str(dev.image_dir / dev.names[1])
     views_sessions, views_session = [], generation._ViewsSession
     monkeypatch.setattr(generation, "_ViewsSession", lambda *a, **k: views_sessions.append(k) or views_session(*a, **k))
     assert main(["caption", image, "--model", str(trained_run / "best"), "--mirror", "--json"]) == 0
