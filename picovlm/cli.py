@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help=f"default: {TrainConfig.seed}")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random resized crop, colour jitter, safe flips (default: the preset's, else off)")
+    p.add_argument("--augment-scale", type=float, default=None, metavar="SCALE",
+                   help="with --augment: the smallest share of an image's area a random crop covers "
+                   f"(default: {TrainConfig.augment_scale})")
     p.add_argument("--mirror-features", action=argparse.BooleanOptionalAction, default=None,
                    help="with a frozen MobileNetV2: also cache the mirrored images' features and train on them "
                    "for half the captions without left/right (default: the preset's, else off)")
@@ -247,7 +250,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     tc = preset_train_config(args.preset, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                              lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                              label_smoothing=args.label_smoothing, precision=args.precision, seed=args.seed,
-                             augment=args.augment, save_every=args.save_every, log_every=args.log_every,
+                             augment=args.augment, augment_scale=args.augment_scale, save_every=args.save_every,
+                             log_every=args.log_every,
                              num_workers=args.num_workers, compile=args.compile, lr_vision=args.lr_vision,
                              lr_projector=args.lr_projector, lr_language=args.lr_language,
                              freeze=tuple(args.freeze) if args.freeze else None, grad_accum_steps=args.grad_accum,

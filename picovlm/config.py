@@ -262,6 +262,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     seed: int = 1337
     augment: bool = False
+    augment_scale: float = 0.7  # with augment: the smallest share of the image's area a random crop covers
     label_smoothing: float = 0.0  # training loss only; validation loss stays plain cross-entropy
     # > 0: add this weight times a bag-of-words loss on the visual tokens (SupraVL.words_loss) to the
     # training loss; the logged train loss includes it, the dev loss never does. Cross-entropy

@@ -220,7 +220,7 @@ def global_batch_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         share = int((piece.targets != IGNORE_INDEX).sum()) / n_global  # this piece's share of the targets
         # DDP averages gradients over processes: weighting each piece's mean loss by share * world
         # makes the sum the gradient of the mean over the whole batch, as in one process.
-        tensors = to_device(piece, cfg, device, None if draws is None else draws[part])
+        tensors = to_device(piece, cfg, device, None if draws is None else draws[part], tc.augment_scale)
         if tc.word_loss:
             tensors = (*tensors, piece.words.to(device))
         micro.append((tensors, share * dist_info.world_size))
@@ -284,17 +284,17 @@ def process_batches(data: CaptionBatches | StreamBatches, batch_size: int, seed:
     return (b.rows(dist_info.rows(len(b.input_ids))) for b in data.epoch(batch_size, seed, start_batch))
 
 
-def to_device(batch: Batch | ChatBatch, cfg: VLMConfig, device: str,
-              aug_draws: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+def to_device(batch: Batch | ChatBatch, cfg: VLMConfig, device: str, aug_draws: torch.Tensor | None = None,
+              aug_scale: float = 0.7) -> tuple[torch.Tensor | None, ...]:
     """A batch as the model's forward arguments, on the device: uint8 images -> normalised floats
-    (augmented if aug_draws are given). SupraVL: (images, input_ids, targets); cached backbone
-    features (batch.is_features) only become float32. NanoVLM: (input_ids, images (N, 3, S, S) of
-    all samples in order, attention_mask, labels)."""
+    (augmented if aug_draws are given, crops covering at least aug_scale of the area). SupraVL: (images,
+    input_ids, targets); cached backbone features (batch.is_features) only become float32. NanoVLM:
+    (input_ids, images (N, 3, S, S) of all samples in order, attention_mask, labels)."""
     if isinstance(batch, ChatBatch):
         images = torch.cat(batch.images) if batch.images else torch.zeros(0, 0, 0, 3, dtype=torch.uint8)
         pixels = normalize(images, cfg.img_mean, cfg.img_std).to(device) if len(images) else None
         return (batch.input_ids.to(device), pixels, batch.attention_mask.to(device), batch.labels.to(device))
-    transform = (lambda x: augment(x, batch.flippable, aug_draws)) if aug_draws is not None else None
+    transform = (lambda x: augment(x, batch.flippable, aug_draws, aug_scale)) if aug_draws is not None else None
     images = images_to_device(batch.images, batch.is_features, cfg, device, transform)
     return images, batch.input_ids.to(device), batch.targets.to(device)
 
@@ -519,6 +519,11 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     if not 0 < tc.feature_crop <= 1:
         raise UserError(f"--feature-crop is the smallest share of a feature map a crop covers, in (0, 1]; "
                         f"got {tc.feature_crop}")
+    if tc.augment_scale != TrainConfig.augment_scale and not tc.augment:
+        raise UserError("--augment-scale sets the crops of --augment: add --augment, or drop --augment-scale")
+    if not 0 < tc.augment_scale <= 1:
+        raise UserError(f"--augment-scale is the smallest share of an image a random crop covers, in (0, 1]; "
+                        f"got {tc.augment_scale}")
     if tc.word_loss < 0:
         raise UserError(f"--word-loss is a weight, 0 or more; got {tc.word_loss}")
     if tc.word_loss and (cfg.family == "nanovlm" or is_stream(data_dir)):

@@ -168,6 +168,19 @@ def test_augment_flips_only_captions_without_left_right() -> None:
     assert flips[False] == 0 and flips[True] > 5
 
 
+def test_augment_scale_bounds_the_random_crop() -> None:
+    framed = torch.zeros(1, 3, 32, 32)
+    framed[..., 0, :] = framed[..., -1, :] = framed[..., :, 0] = framed[..., :, -1] = 1.0  # a bright frame
+    # the smallest crop, centred; brightness and contrast x1; no flip
+    draws = torch.tensor([[0.0, 0.5, 0.5, 0.9, 0.5, 0.5]])
+    whole = augment(framed, torch.tensor([True]), draws, min_scale=1.0)
+    assert torch.allclose(whole, framed, atol=1e-6)  # a crop covering all of the image is the image
+    quarter = augment(framed, torch.tensor([True]), draws, min_scale=0.25)
+    assert quarter.max() < 0.05  # the centre half of each side: the frame is cut away
+    at_corner = torch.tensor([[0.0, 0.0, 0.0, 0.9, 0.5, 0.5]])  # the smallest crop, at the top left
+    assert augment(framed, torch.tensor([True]), at_corner).max() > 0.5  # the default 0.7 keeps part of it
+
+
 def test_shapes_scene_and_scoring() -> None:
     import random
 

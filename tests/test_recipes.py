@@ -50,6 +50,14 @@ def test_pico_mobilenet_mirrors_and_crops_its_features_unless_augmenting_or_told
     assert [parse([*base, *flag]).feature_crop for flag in ([], ["--feature-crop", "0.7"])] == [None, 0.7]
 
 
+def test_augment_scale_reaches_the_train_config_beside_the_presets_augment() -> None:
+    args = build_parser().parse_args(["train", "--preset", "pico-scratch", "--data", "d", "--out", "o",
+                                      "--augment-scale", "0.5"])
+    tc = preset_train_config("pico-scratch", augment=args.augment, augment_scale=args.augment_scale)
+    assert tc.augment and tc.augment_scale == 0.5 and tc.epochs == PRESET_TRAIN["pico-scratch"]["epochs"]
+    assert preset_train_config("pico-scratch").augment_scale == TrainConfig.augment_scale == 0.7
+
+
 def test_every_preset_recipe_names_real_train_fields() -> None:
     for name, settings in PRESET_TRAIN.items():
         assert name in PRESETS

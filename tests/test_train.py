@@ -251,6 +251,28 @@ def test_cider_selection_needs_a_captioner_with_a_dev_split(tmp_path: Path) -> N
         train(tiny_config(), TrainConfig(select_on="bleu"), "unused", progress_bar=False)
 
 
+def test_augment_scale_needs_augment_and_a_share_of_the_image() -> None:
+    with pytest.raises(UserError, match="--augment-scale sets the crops of --augment"):
+        train(tiny_config(), TrainConfig(augment_scale=0.5), "unused", progress_bar=False)
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match=f"--augment-scale .* in \\(0, 1\\]; got {bad}"):
+            train(tiny_config(), TrainConfig(augment=True, augment_scale=bad), "unused", progress_bar=False)
+
+
+def test_training_crops_as_augment_scale_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scales = []
+
+    def recording_augment(images: torch.Tensor, flippable: torch.Tensor, rand: torch.Tensor,
+                          min_scale: float = 0.7) -> torch.Tensor:
+        scales.append(min_scale)
+        return images
+
+    monkeypatch.setattr(train_mod, "augment", recording_augment)
+    tc = TrainConfig(max_steps=2, batch_size=8, warmup_steps=1, augment=True, augment_scale=0.4)
+    train(tiny_config(), tc, tmp_path, progress_bar=False)
+    assert scales == [0.4, 0.4]  # one call per training batch, none for the dev batches
+
+
 def test_words_of_images_marks_the_tokens_of_each_images_captions_but_not_the_special_ones() -> None:
     tokens = torch.tensor([[1, 5, 6, 2, 0], [1, 6, 7, 2, 0], [1, 3, 8, 2, 0]])  # <bos> ... <eos> <pad>
     words = words_of_images(tokens, torch.tensor([0, 0, 1]), n_images=3, vocab_size=10, special_ids=[0, 1, 2, 3])

@@ -226,16 +226,16 @@ def shift_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 AUGMENT_DRAWS = 6  # uniform random numbers augment() uses per image
 
 
-def augment(images: torch.Tensor, flippable: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
-    """Random resized crop (scale 0.7-1), colour jitter (+-20%), and a horizontal flip only where
-    the caption has no left/right words. (B, 3, S, S) float in, same shape out.
+def augment(images: torch.Tensor, flippable: torch.Tensor, rand: torch.Tensor, min_scale: float = 0.7) -> torch.Tensor:
+    """Random resized crop (a square covering min_scale to all of the area), colour jitter (+-20%), and a
+    horizontal flip only where the caption has no left/right words. (B, 3, S, S) float in, same shape out.
 
     rand (B, AUGMENT_DRAWS) holds the uniform draws; the caller makes them, so that with several
     processes each one can take its rows of the draws for the whole batch."""
     B, _, S, _ = images.shape
     out = torch.empty_like(images)
     for i in range(B):
-        scale = 0.7 + 0.3 * rand[i, 0].item()
+        scale = min_scale + (1 - min_scale) * rand[i, 0].item()
         side = max(8, int(S * scale**0.5))
         top = int((S - side) * rand[i, 1].item())
         left = int((S - side) * rand[i, 2].item())
