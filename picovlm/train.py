@@ -285,7 +285,7 @@ def process_batches(data: CaptionBatches | StreamBatches, batch_size: int, seed:
 
 
 def to_device(batch: Batch | ChatBatch, cfg: VLMConfig, device: str, aug_draws: torch.Tensor | None = None,
-              aug_scale: float = 0.7) -> tuple[torch.Tensor | None, ...]:
+              aug_scale: float = TrainConfig.augment_scale) -> tuple[torch.Tensor | None, ...]:
     """A batch as the model's forward arguments, on the device: uint8 images -> normalised floats
     (augmented if aug_draws are given, crops covering at least aug_scale of the area). SupraVL: (images,
     input_ids, targets); cached backbone features (batch.is_features) only become float32. NanoVLM:
