@@ -516,14 +516,12 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
                         f"the batch size is global: use --batch-size {dist_info.world_size} or more")
     if tc.select_on not in SELECT_ON:
         raise UserError(f"unknown selection {tc.select_on!r}: best/ is selected on one of {', '.join(SELECT_ON)}")
-    if not 0 < tc.feature_crop <= 1:
-        raise UserError(f"--feature-crop is the smallest share of a feature map a crop covers, in (0, 1]; "
-                        f"got {tc.feature_crop}")
+    for flag, crop_of, share in (("--feature-crop", "a feature map", tc.feature_crop),
+                                 ("--augment-scale", "an image", tc.augment_scale)):
+        if not 0 < share <= 1:
+            raise UserError(f"{flag} is the smallest share of {crop_of} a crop covers, in (0, 1]; got {share}")
     if tc.augment_scale != TrainConfig.augment_scale and not tc.augment:
         raise UserError("--augment-scale sets the crops of --augment: add --augment, or drop --augment-scale")
-    if not 0 < tc.augment_scale <= 1:
-        raise UserError(f"--augment-scale is the smallest share of an image a random crop covers, in (0, 1]; "
-                        f"got {tc.augment_scale}")
     if tc.word_loss < 0:
         raise UserError(f"--word-loss is a weight, 0 or more; got {tc.word_loss}")
     if tc.word_loss and (cfg.family == "nanovlm" or is_stream(data_dir)):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from picovlm.config import VLMConfig
+from picovlm.config import TrainConfig, VLMConfig
 from picovlm.data.flickr8k import CaptionSet
 from picovlm.data.images import cached_images
 from picovlm.models.supravl import IGNORE_INDEX
@@ -226,7 +226,8 @@ def shift_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 AUGMENT_DRAWS = 6  # uniform random numbers augment() uses per image
 
 
-def augment(images: torch.Tensor, flippable: torch.Tensor, rand: torch.Tensor, min_scale: float = 0.7) -> torch.Tensor:
+def augment(images: torch.Tensor, flippable: torch.Tensor, rand: torch.Tensor,
+            min_scale: float = TrainConfig.augment_scale) -> torch.Tensor:
     """Random resized crop (a square covering min_scale to all of the area), colour jitter (+-20%), and a
     horizontal flip only where the caption has no left/right words. (B, 3, S, S) float in, same shape out.
 
