@@ -3,6 +3,7 @@ process, alternating, with the same beam width; mbr adds only the pick among eac
 Also reports how often the pick differs from the most probable beam. Prints JSON.
 
     python benchmarks/mbr_cost.py --model runs/flickr8k/best [--data DIR] [--images 200] [--width 8]
+        [--mbr-temperature T]
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=200, help="dev images, decoded as one batch")
     p.add_argument("--width", type=int, default=8, help="beam width of both")
     p.add_argument("--rounds", type=int, default=3, help="alternating timings of each")
+    p.add_argument("--mbr-temperature", type=float, default=None,
+                   help="mbr's pick by expected BLEU under the beams' probabilities (default: consensus)")
     args = p.parse_args()
 
     model = picovlm.load(args.model)
     data = load_split(args.data or default_data_dir(), "dev")
     pixels = preprocess([data.image_dir / n for n in data.names[:args.images]], model)
-    configs = {name: GenerationConfig(strategy=name, beam_width=args.width) for name in ("beam", "mbr")}
+    configs = {"beam": GenerationConfig(strategy="beam", beam_width=args.width),
+               "mbr": GenerationConfig(strategy="mbr", beam_width=args.width, mbr_temperature=args.mbr_temperature)}
     seconds: dict[str, list[float]] = {name: [] for name in configs}
     captions: dict[str, list[list[int]]] = {}
     for _ in range(args.rounds):
@@ -42,7 +46,7 @@ def main() -> None:
     beam_s, mbr_s = statistics.median(seconds["beam"]), statistics.median(seconds["mbr"])
     print(json.dumps({
         "benchmark": "mbr_cost", "model": args.model, "threads": torch.get_num_threads(),
-        "images": len(pixels), "beam_width": args.width,
+        "images": len(pixels), "beam_width": args.width, "mbr_temperature": args.mbr_temperature,
         "beam_s_median": beam_s, "mbr_s_median": mbr_s, "mbr_over_beam": mbr_s / beam_s,
         "picked_another_beam": sum(a != b for a, b in zip(captions["beam"], captions["mbr"])) / len(pixels),
     }, indent=2))

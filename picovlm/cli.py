@@ -47,12 +47,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--mirror", action="store_true",
                    help="also read each image mirrored; decode from the two views' averaged log-probs")
+    p.add_argument("--mbr-temperature", type=float, default=None, metavar="T",
+                   help="mbr: pick the beam with the highest expected BLEU-4 against the beams weighted by "
+                        "softmax(log-prob / T), itself included (default: the beam most like the others)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
     return {"beam_width": args.beam_width, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-            "seed": args.seed, "max_new_tokens": args.max_new_tokens, "mirror": args.mirror}
+            "seed": args.seed, "max_new_tokens": args.max_new_tokens, "mirror": args.mirror,
+            "mbr_temperature": args.mbr_temperature}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,12 +53,17 @@ class GenerationConfig:
     seed: int | None = None  # for the sampling strategies
     use_cache: bool = True
     mirror: bool = False  # also read each image mirrored and average the two views' next-token log-probs
+    # mbr: None picks the beam most like the others (consensus); T > 0 the beam with the highest
+    # expected BLEU-4 against a beam drawn with probability softmax(log-prob / T) (Kumar & Byrne 2004)
+    mbr_temperature: float | None = None
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.beam_width < 1 or self.top_k < 1 or not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise UserError("need beam_width >= 1, top_k >= 1, 0 < top_p <= 1 and temperature > 0")
+        if self.mbr_temperature is not None and not self.mbr_temperature > 0:
+            raise UserError(f"mbr temperature (--mbr-temperature) must be > 0, got {self.mbr_temperature}")
 
 
 class DecodingSession(Protocol):
@@ -156,10 +161,14 @@ def decode(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig,
     """Run a strategy for up to n_steps new tokens; start (B, 1) is the token before them.
     Returns the new tokens of each row, cut before its first <eos>."""
     if gen.strategy in ("beam", "mbr"):
-        beams = _beam_search(session, start, gen, eos, n_steps)[:, :, 1:].tolist()  # (B, W, t), best first
+        seqs, log_probs = _beam_search(session, start, gen, eos, n_steps)  # (B, W, 1 + t), (B, W)
+        beams = [[_cut(row, eos) for row in rows] for rows in seqs[:, :, 1:].tolist()]  # best first
         if gen.strategy == "beam":
-            return [_cut(rows[0], eos) for rows in beams]
-        return [_consensus([_cut(row, eos) for row in rows]) for rows in beams]
+            return [rows[0] for rows in beams]
+        if gen.mbr_temperature is None:
+            return [_consensus(rows) for rows in beams]
+        weights = (log_probs.float() / gen.mbr_temperature).softmax(dim=-1).tolist()
+        return [_most_expected_bleu(rows, w) for rows, w in zip(beams, weights)]
     return [_cut(row, eos) for row in _sample(session, start, gen, eos, n_steps)[:, 1:].tolist()]
 
 
@@ -203,6 +212,13 @@ def _consensus(candidates: list[list[int]]) -> list[int]:
     return candidates[max(range(len(candidates)), key=agreement.__getitem__)]
 
 
+def _most_expected_bleu(candidates: list[list[int]], weights: list[float]) -> list[int]:
+    """The candidate with the highest expected BLEU-4 against a candidate drawn by `weights`
+    (itself included: BLEU 1); the higher-ranked on a tie."""
+    expected = [sum(w * sentence_bleu(c, [other]) for other, w in zip(candidates, weights)) for c in candidates]
+    return candidates[max(range(len(candidates)), key=expected.__getitem__)]
+
+
 def _pick_next(logits: torch.Tensor, gen: GenerationConfig, rng: torch.Generator | None) -> torch.Tensor:
     """(N, V) logits -> (N,) token ids by the configured strategy."""
     if gen.strategy == "greedy":
@@ -239,13 +255,14 @@ def _sample(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig
 
 
 def _beam_search(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig, eos: int,
-                 n_steps: int) -> torch.Tensor:
-    """-> every image's W final beams, best first, (B, W, 1 + t) with start. (After the first step
-    every slot holds a beam: the one live beam alone has W expansions, and logits are finite.)"""
+                 n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> every image's W final beams, best first, (B, W, 1 + t) with start, and their summed
+    log-probabilities (B, W). (After the first step every slot holds a beam: the one live beam
+    alone has W expansions, and logits are finite.)"""
     B, W, dev = start.shape[0], gen.beam_width, start.device
     seqs = start
     if n_steps == 0:
-        return seqs[:, None].expand(B, W, 1)
+        return seqs[:, None].expand(B, W, 1), torch.zeros(B, W, device=dev)
     logits = session.prefill()  # (B, V): the W beams of an image start identical,
     session.select_rows(torch.arange(B, device=dev).repeat_interleave(W))  # so prefill once
     logits, seqs = logits.repeat_interleave(W, dim=0), seqs.repeat_interleave(W, dim=0)  # (B*W, ...)
@@ -278,7 +295,7 @@ def _beam_search(session: DecodingSession, start: torch.Tensor, gen: GenerationC
             break
         session.select_rows(rows)
         logits = session.step(seqs)
-    return seqs.view(B, W, -1)
+    return seqs.view(B, W, -1), scores
 
 
 ImageLike = str | Path | Image.Image

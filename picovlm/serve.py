@@ -39,7 +39,7 @@ from picovlm.models.supravl import SupraVL
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 _NUMERIC = {"beam_width": int, "top_k": int, "max_new_tokens": int, "seed": int,
-            "top_p": float, "temperature": float, "length_penalty": float}
+            "top_p": float, "temperature": float, "length_penalty": float, "mbr_temperature": float}
 _SWITCHES = {"mirror": {"1": True, "true": True, "0": False, "false": False}}
 
 

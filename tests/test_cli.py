@@ -82,6 +82,26 @@ def test_caption_cli_mirror_decodes_from_both_views(trained_run: Path, shapes_di
     assert caption == picovlm.load(str(trained_run / "best")).caption([image], mirror=True)[0]
 
 
+def test_caption_cli_mbr_temperature_weighs_the_beams(trained_run: Path, shapes_dir: Path, monkeypatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import picovlm
+    import picovlm.generate as generation
+
+    dev = load_split(shapes_dir, "dev")
+    image = str(dev.image_dir / dev.names[1])
+    weights, pick = [], generation._most_expected_bleu
+    monkeypatch.setattr(generation, "_most_expected_bleu", lambda c, w: weights.append(w) or pick(c, w))
+    args = ["caption", image, "--model", str(trained_run / "best"), "--strategy", "mbr", "--beam-width", "4"]
+    assert main(args + ["--json"]) == 0 and weights == []  # without the flag: the consensus rule
+    capsys.readouterr()
+    assert main(args + ["--mbr-temperature", "2", "--json"]) == 0
+    assert len(weights) == 1 and len(weights[0]) == 4 and sum(weights[0]) == pytest.approx(1.0)
+    caption = json.loads(capsys.readouterr().out)[0]["caption"]
+    model = picovlm.load(str(trained_run / "best"))
+    assert caption == model.caption([image], strategy="mbr", beam_width=4, mbr_temperature=2.0)[0]
+    assert_one_line_error(run_cli(*args, "--mbr-temperature", "0"), "--mbr-temperature) must be > 0")
+
+
 def test_caption_errors(tmp_path: Path, trained_run: Path, shapes_dir: Path) -> None:
     good = str(next((shapes_dir / "Images").iterdir()))
     (tmp_path / "broken.jpg").write_text("not a jpeg")

@@ -16,7 +16,9 @@ from picovlm.data.flickr8k import load_split
 from picovlm.errors import UserError
 from picovlm.generate import (
     GenerationConfig,
+    _beam_search,
     _consensus,
+    _most_expected_bleu,
     _PrefixSession,
     _ViewsSession,
     decode,
@@ -107,18 +109,46 @@ class MarkovSession:
         pass  # no state to reorder
 
 
-def test_mbr_differs_from_beam_where_the_top_beam_is_the_odd_one_out() -> None:
+def _three_caption_model() -> tuple[torch.Tensor, int, int]:
+    """Markov log-probs with three captions after <bos> (0): [2] (p 0.4), [3, 5, 6] (0.35) and
+    [4, 5, 6] (0.25), each then <eos> (1); the last two share "5 6"."""
     bos, eos, vocab = 0, 1, 8
     moves = {bos: {2: 0.4, 3: 0.35, 4: 0.25}, 2: {eos: 1.0}, 3: {5: 1.0}, 4: {5: 1.0}, 5: {6: 1.0}, 6: {eos: 1.0}}
     log_probs = torch.full((vocab, vocab), -30.0)  # everything else all but impossible
     for token, following in moves.items():
         for nxt, p in following.items():
             log_probs[token, nxt] = math.log(p)
+    return log_probs, bos, eos
+
+
+def test_mbr_differs_from_beam_where_the_top_beam_is_the_odd_one_out() -> None:
+    log_probs, bos, eos = _three_caption_model()
     start = torch.tensor([[bos], [bos]])
-    # the three beams: [2] (p 0.4), [3, 5, 6] (0.35), [4, 5, 6] (0.25); the last two share "5 6"
     for strategy, expected in (("beam", [2]), ("mbr", [3, 5, 6])):
         gen = GenerationConfig(strategy=strategy, beam_width=3)
         assert decode(MarkovSession(log_probs, start), start, gen, eos, 10) == [expected, expected]
+
+
+def test_beam_search_returns_each_beams_summed_log_prob() -> None:
+    log_probs, bos, eos = _three_caption_model()
+    start = torch.tensor([[bos]])
+    seqs, scores = _beam_search(MarkovSession(log_probs, start), start, GenerationConfig(beam_width=3), eos, 10)
+    assert seqs[0, :, 1:3].tolist() == [[2, eos], [3, 5], [4, 5]]
+    torch.testing.assert_close(scores[0], torch.tensor([0.4, 0.35, 0.25]).log())
+
+
+def test_expected_bleu_mbr_weighs_the_beams_by_their_probability() -> None:
+    log_probs, bos, eos = _three_caption_model()
+    start = torch.tensor([[bos]])
+    # a cold temperature trusts the top beam alone; at T = 1 the two captions sharing "5 6" hold
+    # 0.6 of the mass: [3, 5, 6] expects 0.35 + 0.25 * BLEU([3, 5, 6], [4, 5, 6]) = 0.52 > 0.4
+    for temperature, expected in ((0.05, [2]), (1.0, [3, 5, 6])):
+        gen = GenerationConfig(strategy="mbr", beam_width=3, mbr_temperature=temperature)
+        assert decode(MarkovSession(log_probs, start), start, gen, eos, 10) == [expected]
+    # itself counted with BLEU 1: a candidate nobody else resembles can still win on its own weight
+    assert _most_expected_bleu([[1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 8]], [0.6, 0.2, 0.2]) == [1, 2, 3]
+    assert _most_expected_bleu([[1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 8]], [0.4, 0.3, 0.3]) == [4, 5, 6, 7]
+    assert _most_expected_bleu([[1, 2], [3, 4]], [0.5, 0.5]) == [1, 2]  # a tie keeps the more probable beam
 
 
 def test_mbr_of_one_beam_is_greedy(model_and_pixels) -> None:
@@ -199,6 +229,8 @@ def test_bad_generation_settings_are_user_errors(model_and_pixels) -> None:
         generate(model, pixels, GenerationConfig(strategy="nucleus"))
     with pytest.raises(UserError, match="temperature"):
         generate(model, pixels, GenerationConfig(strategy="topk", temperature=0))
+    with pytest.raises(UserError, match="mbr temperature .* must be > 0"):
+        generate(model, pixels, GenerationConfig(strategy="mbr", mbr_temperature=0))
 
 
 def test_kv_cache_overflow_is_refused() -> None:

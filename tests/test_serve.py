@@ -70,6 +70,7 @@ def test_health_and_page(server, shapes_dir: Path) -> None:
     ("strategy=mbr", {"strategy": "mbr"}),
     ("strategy=greedy&mirror=1", {"strategy": "greedy", "mirror": True}),
     ("strategy=mbr&beam_width=8&mirror=true", {"strategy": "mbr", "beam_width": 8, "mirror": True}),
+    ("strategy=mbr&beam_width=8&mbr_temperature=4", {"strategy": "mbr", "beam_width": 8, "mbr_temperature": 4.0}),
 ])
 def test_caption_matches_the_python_api(server, shapes_dir: Path, query: str, kwargs: dict) -> None:
     base, model = server
