@@ -367,6 +367,7 @@ PRESET_TRAIN: dict[str, dict[str, Any]] = {
     # 20.7 / 19.9, 20.0 / 19.8, 19.6 / 19.5 (BLEU-4 / METEOR, three seeds): METEOR +0.4 to +0.7 over 224 px.
     # Crops down to 0.3 of the map and 8 epochs: dev loss 2.86 (three seeds), beam-3 about the same,
     # mbr-8 21.1 / 20.2, 20.9 / 20.0, 20.3 / 19.8 (mean +0.7 BLEU-4 over 6 epochs of crops >= 0.5).
+    # Its best decoding: --strategy mbr --beam-width 8 --mirror --mbr-temperature 4 (docs/ablations.md).
     "pico-mobilenet": {"epochs": 8, "lr": 1e-3, "label_smoothing": 0.1, "ema_decay": 0.999,
                        "mirror_features": True, "feature_crop": 0.3},
     # Without augmentation the wider CNN overfits from epoch 6 on (dev loss 3.17, rising); with it
