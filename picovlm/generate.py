@@ -162,9 +162,10 @@ def decode(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig,
     Returns the new tokens of each row, cut before its first <eos>."""
     if gen.strategy in ("beam", "mbr"):
         seqs, log_probs = _beam_search(session, start, gen, eos, n_steps)  # (B, W, 1 + t), (B, W)
-        beams = [[_cut(row, eos) for row in rows] for rows in seqs[:, :, 1:].tolist()]  # best first
+        rows_of_images = seqs[:, :, 1:].tolist()  # best first
         if gen.strategy == "beam":
-            return [rows[0] for rows in beams]
+            return [_cut(rows[0], eos) for rows in rows_of_images]
+        beams = [[_cut(row, eos) for row in rows] for rows in rows_of_images]
         if gen.mbr_temperature is None:
             return [_consensus(rows) for rows in beams]
         weights = (log_probs.float() / gen.mbr_temperature).softmax(dim=-1).tolist()
