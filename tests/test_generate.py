@@ -231,6 +231,8 @@ def test_bad_generation_settings_are_user_errors(model_and_pixels) -> None:
         generate(model, pixels, GenerationConfig(strategy="topk", temperature=0))
     with pytest.raises(UserError, match="mbr temperature .* must be > 0"):
         generate(model, pixels, GenerationConfig(strategy="mbr", mbr_temperature=0))
+    with pytest.raises(UserError, match="strategy 'beam' has none"):
+        generate(model, pixels, GenerationConfig(strategy="beam", mbr_temperature=4))
 
 
 def test_kv_cache_overflow_is_refused() -> None:
