@@ -1,4 +1,6 @@
-"""Hub-format checkpoints: a folder with model.safetensors, config.json, tokenizer.json, README.md.
+"""Hub-format checkpoints: a folder with model.safetensors, config.json, tokenizer.json, README.md,
+and for a captioner with a decoding of its own, generation_config.json (GenerationConfig fields,
+like a transformers model's file of that name: what `caption` and `eval` run when told no strategy).
 
 `config.json` carries the published SupraVL-Nano keys (D_MODEL, N_HEADS, N_LAYERS, D_FF,
 VIS_CH, N_VIS, VOCAB_SIZE, MAX_SEQ, IMG_SIZE, bos_token_id, eos_token_id) so the release's
@@ -24,6 +26,7 @@ from picovlm import __version__
 from picovlm.chat import IMAGE_TOKEN
 from picovlm.config import VLMConfig
 from picovlm.errors import UserError, first_line
+from picovlm.generate import GENERATION, GenerationConfig
 from picovlm.io import atomic_dir, check_state_dict, find_complete_dir
 from picovlm.models.mobilenet_v2 import FEATURE_CHANNELS
 from picovlm.models.nanovlm import NanoVLM
@@ -111,6 +114,8 @@ def save_pretrained(model: SupraVL | NanoVLM, out_dir: str | Path, metrics: dict
         model.tokenizer.save(str(tmp / TOKENIZER))  # beside the weights, always
         card = nanovlm_card(model, metrics or {}) if isinstance(model, NanoVLM) else model_card(model, metrics or {})
         (tmp / CARD).write_text(card)
+        if getattr(model, "generation", None):
+            (tmp / GENERATION).write_text(json.dumps(model.generation, indent=2) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return out_dir
@@ -129,7 +134,7 @@ def resolve_model_dir(dir_or_repo: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, allow_patterns=[WEIGHTS, CONFIG, TOKENIZER, CARD]))
+        return Path(snapshot_download(text, allow_patterns=[WEIGHTS, CONFIG, TOKENIZER, CARD, GENERATION]))
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
         reason = first_line(e)
         raise UserError(f"cannot download {text!r} from the Hugging Face Hub ({reason}); "
@@ -165,7 +170,21 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{path / TOKENIZER} has {tokenizer.vocab_size} tokens but the model only "
                         f"{cfg.lm_vocab_size}; the folder mixes files of different models")
     model.tokenizer = tokenizer
+    model.generation = read_generation(path / GENERATION)
     return model.to(device).eval()
+
+
+def read_generation(path: Path) -> dict[str, Any]:
+    """A checkpoint's own decoding settings (checked), or {} when it has no generation_config.json."""
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix it, or delete it to decode with "
+                        f"picovlm's defaults") from None
+    GenerationConfig.from_dict(settings, str(path))
+    return settings
 
 
 def _nanovlm_from_folder(cfg: VLMConfig, path: Path, dtype: torch.dtype | None) -> NanoVLM:
@@ -228,6 +247,9 @@ def model_card(model: SupraVL, metrics: dict[str, Any]) -> str:
     cfg, counts = model.cfg, model.param_counts()
     rows = "\n".join(f"| {name} | {n:,} |" for name, n in counts["components"].items())
     metric_rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items()) or "| (none recorded) | |"
+    settings = ", ".join(f"{k}={v}" for k, v in model.generation.items())
+    decoding = (f"{settings} ({GENERATION}); name a strategy to decode otherwise" if settings
+                else "beam search, width 3 (picovlm's default)")
     return f"""---
 license: apache-2.0
 library_name: picovlm
@@ -249,6 +271,7 @@ MLP {cfg.lm_inter_dim} |
 | context | {cfg.n_vis_tokens} visual + {cfg.lm_max_text_len} text = {cfg.context_len} positions |
 | vocabulary | {cfg.lm_vocab_size} byte-level BPE tokens |
 | input | {cfg.img_size}x{cfg.img_size} RGB, ImageNet mean/std |
+| decoding | {decoding} |
 
 ## Parameters
 

@@ -37,15 +37,18 @@ from picovlm.generate import STRATEGIES
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", choices=STRATEGIES, default="beam", help="default: %(default)s")
-    p.add_argument("--beam-width", type=int, default=3, help="beams of beam and mbr (default: %(default)s)")
-    p.add_argument("--length-penalty", type=float, default=0.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
+    # Defaults are None, "not given": the checkpoint's own decoding (its generation_config.json) when
+    # no --strategy is named, else GenerationConfig's defaults (picovlm.generate.resolve_generation).
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="default: the checkpoint's own decoding (generation_config.json), else beam")
+    p.add_argument("--beam-width", type=int, default=None, help="beams of beam and mbr (default: 3)")
+    p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for the sampling strategies")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--mirror", action="store_true",
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="also read each image mirrored; decode from the two views' averaged log-probs")
     p.add_argument("--mbr-temperature", type=float, default=None, metavar="T",
                    help="mbr: pick the beam with the highest expected BLEU-4 against the beams weighted by "
@@ -53,6 +56,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
+    """The generation settings given on the command line (None: not given)."""
     return {"beam_width": args.beam_width, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "max_new_tokens": args.max_new_tokens, "mirror": args.mirror,
@@ -299,11 +303,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_captions(model, args.data, args.split, args.strategy, args.limit, **_generation_kwargs(args))
     if args.out:
         write_report(result, args.out)
-    summary = {k: result[k] for k in ("split", "strategy", "n_images", "metrics", "diversity")}
+    summary = {k: result[k] for k in ("split", "strategy", "generation", "n_images", "metrics", "diversity")}
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{result['n_images']} {args.split} images, {args.strategy} decoding")
+    settings = ", ".join(f"{k} {v}" for k, v in result["generation"].items())
+    print(f"{result['n_images']} {args.split} images, {result['strategy']} decoding ({settings})")
     print("  " + "  ".join(f"{k} {100 * v:.1f}" for k, v in result["metrics"].items()))
     print("  " + "  ".join(f"{k} {v:.3g}" for k, v in result["diversity"].items()))
 

@@ -14,6 +14,7 @@ captions, and the mean length in words.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import load_image
 from picovlm.errors import UserError
-from picovlm.generate import ngrams
+from picovlm.generate import ngrams, resolve_generation
 from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import clean_caption
 
@@ -70,15 +71,19 @@ def diversity_metrics(generated: Sequence[str], train_captions: Sequence[str] = 
     return scores
 
 
-def evaluate_captions(model: SupraVL, data_dir: str | Path, split: str = "dev", strategy: str = "beam",
+def evaluate_captions(model: SupraVL, data_dir: str | Path, split: str = "dev", strategy: str | None = None,
                       limit: int | None = None, **generation: Any) -> dict[str, Any]:
-    """Caption a split and score it; returns metrics plus every caption with its references."""
+    """Caption a split and score it; returns metrics plus every caption with its references. With no
+    strategy, the model's own decoding (see picovlm.generate.resolve_generation); the result names
+    every setting that ran."""
+    gen = dataclasses.asdict(resolve_generation(model, strategy, **generation))
     data = load_split(data_dir, split)
     names, refs = data.names[:limit], data.captions[:limit]
-    generated = model.caption([data.image_dir / n for n in names], strategy=strategy, **generation)
+    generated = model.caption([data.image_dir / n for n in names], **gen)
     train_captions = [c for caps in load_split(data_dir, "train").captions for c in caps] if split != "train" else []
+    strategy = gen.pop("strategy")
     return {
-        "split": split, "strategy": strategy, "generation": generation, "n_images": len(names),
+        "split": split, "strategy": strategy, "generation": gen, "n_images": len(names),
         "metrics": coco_metrics(refs, generated),
         "diversity": diversity_metrics(generated, train_captions),
         "captions": [{"image": n, "caption": g, "references": r} for n, g, r in zip(names, generated, refs)],

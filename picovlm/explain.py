@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from picovlm.generate import GenerationConfig, ImageLike, generate, preprocess
+from picovlm.generate import ImageLike, generate, preprocess, resolve_generation
 from picovlm.models.supravl import SupraVL
 
 
@@ -81,7 +81,7 @@ def _group_words(model: SupraVL, token_ids: list[int]) -> list[list[int]]:
 def explain(model: SupraVL, image: ImageLike, strategy: str = "greedy", **generation: object) -> Explanation:
     """Caption one image and return the attention map of every word of the caption."""
     pixels = preprocess([image], model)
-    token_ids = generate(model, pixels, GenerationConfig(strategy=strategy, **generation))[0]
+    token_ids = generate(model, pixels, resolve_generation(model, strategy, **generation))[0]
     attention = attention_over_image(model, pixels, token_ids)  # (n_tokens, L, H, P)
     groups = _group_words(model, token_ids)
     words = [model.tokenizer.decode([token_ids[j] for j in g]) for g in groups]

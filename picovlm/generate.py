@@ -18,6 +18,9 @@ log-probabilities, a finished beam kept as one candidate, stop once every beam h
 keeps the one the others agree with most: the highest sentence BLEU-4 against the other beams
 as its references, on token ids. The most probable caption is often not the one with most
 in common with the other likely captions; the metrics reward the second kind.
+
+A caller that names no strategy gets the model's own decoding: the settings its checkpoint stores
+in generation_config.json (`model.generation`), else beam search of width 3 (resolve_generation).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
 
 STRATEGIES = ("greedy", "beam", "mbr", "sample", "topk", "topp")
+GENERATION = "generation_config.json"  # a checkpoint's own decoding, beside its config.json
 
 
 @dataclass
@@ -56,6 +60,24 @@ class GenerationConfig:
     # mbr: None picks the beam most like the others (consensus); T > 0 the beam with the highest
     # expected BLEU-4 against a beam drawn with probability softmax(log-prob / T) (Kumar & Byrne 2004)
     mbr_temperature: float | None = None
+
+    @classmethod
+    def from_dict(cls, settings: Any, source: str) -> GenerationConfig:
+        """A checked GenerationConfig from JSON settings (a checkpoint's generation_config.json)."""
+        fix = "fix it, or delete it to decode with picovlm's defaults"
+        if not isinstance(settings, dict):
+            raise UserError(f"{source} is not a JSON object of decoding settings; {fix}")
+        unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"{source} has unknown decoding settings ({', '.join(unknown)}); {fix}")
+        gen = cls(**settings)
+        try:
+            gen.validate()
+        except UserError as e:
+            raise UserError(f"{source}: {e}; {fix}") from None
+        except TypeError:  # a number given as text, say: the comparisons in validate() fail
+            raise UserError(f"{source} holds a setting of the wrong type ({settings}); {fix}") from None
+        return gen
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -320,12 +342,24 @@ def preprocess(images: Sequence[ImageLike] | torch.Tensor, model: SupraVL) -> to
     return normalize(batch, model.cfg.img_mean, model.cfg.img_std).to(device)
 
 
-def caption_images(model: SupraVL, images: Sequence[ImageLike] | torch.Tensor, strategy: str = "beam",
+def resolve_generation(model: SupraVL, strategy: str | None = None, **given: Any) -> GenerationConfig:
+    """The decoding to run: with no strategy named, the model's own (`model.generation`, read from its
+    checkpoint's generation_config.json; empty: GenerationConfig's defaults); with one named, that
+    strategy on GenerationConfig's defaults, because settings chosen for one strategy (an mbr
+    temperature, say) may not fit another. Each setting in `given` that is not None goes on top."""
+    settings = dict(model.generation) if strategy is None else {"strategy": strategy}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    gen = GenerationConfig(**settings)
+    gen.validate()
+    return gen
+
+
+def caption_images(model: SupraVL, images: Sequence[ImageLike] | torch.Tensor, strategy: str | None = None,
                    batch_size: int = 64, **kwargs: Any) -> list[str]:
-    """Captions for images, in order. kwargs are GenerationConfig fields."""
+    """Captions for images, in order. kwargs are GenerationConfig fields; see resolve_generation."""
     if model.tokenizer is None:
         raise ValueError("model has no tokenizer attached; load it with picovlm.load")
-    gen = GenerationConfig(strategy=strategy, **kwargs)
+    gen = resolve_generation(model, strategy, **kwargs)
     pixels = preprocess(images, model)
     captions: list[str] = []
     for start in range(0, len(pixels), batch_size):

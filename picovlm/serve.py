@@ -2,9 +2,11 @@
 
     GET  /          the page: drop or pick an image, choose a decoding strategy, see the caption
                     and each word's attention map
-    GET  /health    {"status": "ok", "model": ..., "params_unique": ...}
+    GET  /health    {"status": "ok", "model": ..., "params_unique": ..., "generation": the decoding
+                    a request without a strategy gets (the checkpoint's own, else beam-3)}
     POST /caption   body: the image bytes (Content-Type image/*); query: strategy, beam_width,
-                    mirror (1: decode from the image and its mirror), ...
+                    mirror (1: decode from the image and its mirror), ...; no strategy: the
+                    checkpoint's own decoding, as for `picovlm caption`
                     -> {"caption": ..., "strategy": ..., "seconds": ...}
     POST /explain   the same -> {"caption": ..., "words": [{"word", "heatmap" (PNG data URL),
                     "grid" (attention per visual token), "mass"}], ...}
@@ -16,6 +18,7 @@ image that decodes (400). Requests are served on threads, one model call at a ti
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import threading
@@ -34,7 +37,7 @@ from PIL import Image
 from picovlm.data.images import decode_image
 from picovlm.errors import UserError
 from picovlm.explain import explain, upsample
-from picovlm.generate import STRATEGIES
+from picovlm.generate import STRATEGIES, GenerationConfig, resolve_generation
 from picovlm.models.supravl import SupraVL
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -69,9 +72,10 @@ class CaptionService:
         self.model, self.name = model, name
         self.lock = threading.Lock()
 
-    def options(self, query: dict[str, list[str]]) -> tuple[str, dict[str, Any]]:
-        strategy = query.get("strategy", ["beam"])[0]
-        if strategy not in STRATEGIES:
+    def options(self, query: dict[str, list[str]]) -> GenerationConfig:
+        """The decoding a request asks for: its query's settings on the model's own (resolve_generation)."""
+        strategy = query.get("strategy", [None])[0]
+        if strategy is not None and strategy not in STRATEGIES:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
         kwargs: dict[str, Any] = {}
         for key, values in query.items():
@@ -88,21 +92,21 @@ class CaptionService:
                 kwargs[key] = _NUMERIC[key](values[0])
             except ValueError:
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} must be a number, got {values[0]!r}") from None
-        return strategy, kwargs
+        return resolve_generation(self.model, strategy, **kwargs)
 
-    def caption(self, image: Image.Image, strategy: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def caption(self, image: Image.Image, gen: GenerationConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         with self.lock:
-            caption = self.model.caption([image], strategy=strategy, **kwargs)[0]
-        return {"caption": caption, "strategy": strategy, "seconds": round(time.perf_counter() - t0, 4)}
+            caption = self.model.caption([image], **dataclasses.asdict(gen))[0]
+        return {"caption": caption, "strategy": gen.strategy, "seconds": round(time.perf_counter() - t0, 4)}
 
-    def explain(self, image: Image.Image, strategy: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def explain(self, image: Image.Image, gen: GenerationConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         with self.lock:
-            expl = explain(self.model, image, strategy=strategy, **kwargs)
+            expl = explain(self.model, image, **dataclasses.asdict(gen))
         words = [{"word": w, "grid": grid.tolist(), "mass": float(grid.sum()), "heatmap": heatmap_png(expl.image, grid)}
                  for w, grid in zip(expl.words, expl.mean_maps)]
-        return {"caption": expl.caption, "strategy": strategy, "words": words,
+        return {"caption": expl.caption, "strategy": gen.strategy, "words": words,
                 "seconds": round(time.perf_counter() - t0, 4)}
 
 
@@ -132,7 +136,8 @@ def make_handler(service: CaptionService) -> type[BaseHTTPRequestHandler]:
             elif path == "/health":
                 counts = service.model.param_counts()
                 self._json(HTTPStatus.OK, {"status": "ok", "model": service.name,
-                                           "params_unique": counts["params_unique"]})
+                                           "params_unique": counts["params_unique"],
+                                           "generation": dataclasses.asdict(resolve_generation(service.model))})
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {path}; try / or /health"})
 
@@ -141,10 +146,10 @@ def make_handler(service: CaptionService) -> type[BaseHTTPRequestHandler]:
             try:
                 if url.path not in ("/caption", "/explain"):
                     raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {url.path}; POST /caption or /explain")
-                strategy, kwargs = service.options(parse_qs(url.query))
+                gen = service.options(parse_qs(url.query))
                 image = self._read_image()
                 run = service.caption if url.path == "/caption" else service.explain
-                self._json(HTTPStatus.OK, run(image, strategy, kwargs))
+                self._json(HTTPStatus.OK, run(image, gen))
             except ApiError as e:
                 self._json(e.status, {"error": str(e)})
             except UserError as e:

@@ -48,6 +48,7 @@ from picovlm.distributed import (
     wrap_model,
 )
 from picovlm.errors import UserError
+from picovlm.generate import GenerationConfig
 from picovlm.io import find_complete_dir
 from picovlm.models import build_model
 from picovlm.models.nanovlm import NanoVLM
@@ -524,6 +525,9 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
         raise UserError("--augment-scale sets the crops of --augment: add --augment, or drop --augment-scale")
     if tc.word_loss < 0:
         raise UserError(f"--word-loss is a weight, 0 or more; got {tc.word_loss}")
+    if tc.generation and cfg.family == "nanovlm":
+        raise UserError("a stored decoding (the train config's generation) is for captioners; drop it for a NanoVLM")
+    GenerationConfig.from_dict(tc.generation, "the train config's generation settings")
     if tc.word_loss and (cfg.family == "nanovlm" or is_stream(data_dir)):
         raise UserError("--word-loss needs a captioner trained on a caption folder (each image's reference "
                         "captions in memory); drop it for this model or data")
@@ -562,6 +566,8 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
             data.train.serve_words()
     data_path = data.path
     model.tokenizer = data.tokenizer
+    if isinstance(model, SupraVL):  # saved with every checkpoint below (generation_config.json)
+        model.generation = dict(tc.generation)
     model.train()
     ddp_model = wrap_model(model, dist_info, device)  # the model itself in one process
     if tc.compile:  # opt-in: the first steps pay for compilation (benchmarks/train_throughput.py --compile)

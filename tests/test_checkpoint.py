@@ -27,6 +27,54 @@ def test_round_trip_is_exact(tmp_path: Path, trained_run: Path) -> None:
     assert "Unique parameters" in card and "| val_loss | 1.0 |" in card
 
 
+def test_a_stored_decoding_round_trips_and_is_what_caption_runs(tmp_path: Path, trained_run: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    import picovlm.generate as generate_mod
+    from picovlm.generate import GenerationConfig, resolve_generation
+
+    model = from_pretrained(trained_run / "best")
+    assert model.generation == {} and not (trained_run / "best" / "generation_config.json").exists()
+    assert resolve_generation(model) == GenerationConfig()  # no file: beam search, width 3
+    decoding = {"strategy": "mbr", "beam_width": 4, "mirror": True, "mbr_temperature": 2.0}
+    model.generation = decoding
+    save_pretrained(model, tmp_path / "m")
+    again = picovlm.load(str(tmp_path / "m"))
+    assert again.generation == decoding
+    assert "strategy=mbr, beam_width=4, mirror=True, mbr_temperature=2.0" in (tmp_path / "m" / "README.md").read_text()
+    stored = GenerationConfig(**decoding)
+    assert resolve_generation(again) == stored
+    assert resolve_generation(again, beam_width=6, mirror=False) == GenerationConfig(
+        **{**decoding, "beam_width": 6, "mirror": False})  # settings given go on top ...
+    assert resolve_generation(again, "beam") == GenerationConfig(strategy="beam")  # ... a named strategy starts afresh
+    seen: list[GenerationConfig] = []
+    real_generate = generate_mod.generate
+    monkeypatch.setattr(generate_mod, "generate", lambda m, px, gen: seen.append(gen) or real_generate(m, px, gen))
+    image = Image.new("RGB", (40, 40), "red")
+    again.caption([image])
+    again.caption([image], strategy="greedy")
+    assert seen == [stored, GenerationConfig(strategy="greedy")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "is not valid JSON"),
+    ("[8]", "is not a JSON object of decoding settings"),
+    ('{"beam_size": 8}', "has unknown decoding settings \\(beam_size\\)"),
+    ('{"strategy": "nucleus"}', "unknown strategy 'nucleus'"),
+    ('{"beam_width": "8"}', "a setting of the wrong type"),
+])
+def test_a_malformed_generation_config_is_a_clear_error(tmp_path: Path, trained_run: Path, text: str,
+                                                        message: str) -> None:
+    import shutil
+
+    shutil.copytree(trained_run / "best", tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(text)
+    with pytest.raises(UserError, match=message) as error:
+        from_pretrained(tmp_path / "m")
+    assert "generation_config.json" in str(error.value) and "delete it" in str(error.value)
+
+
 def test_published_config_without_picovlm_keys_loads(tmp_path: Path, trained_run: Path) -> None:
     """A config.json with only the release's keys (as the published model ships) is enough."""
     import shutil

@@ -50,3 +50,22 @@ def test_eval_cli_writes_report(tmp_path: Path, trained_run: Path, shapes_dir: P
     assert (tmp_path / "report" / "examples.png").read_bytes()[:4] == b"\x89PNG"
     assert "| BLEU-1 |" in (tmp_path / "report" / "report.md").read_text()
     assert len(json.loads((tmp_path / "report" / "eval.json").read_text())["captions"]) == 8
+
+
+def test_eval_runs_the_checkpoints_own_decoding_unless_told_otherwise(tmp_path: Path, trained_run: Path,
+                                                                     shapes_dir: Path, capsys) -> None:
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained_run / "best", model_dir)
+    (model_dir / "generation_config.json").write_text('{"strategy": "mbr", "beam_width": 4, "mirror": true}')
+    args = ["eval", "--model", str(model_dir), "--data", str(shapes_dir), "--limit", "4", "--json"]
+    runs = {}
+    for name, flags in (("stored", []), ("width 2", ["--beam-width", "2", "--no-mirror"]),
+                        ("beam", ["--strategy", "beam"])):
+        assert main([*args, *flags]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    decodings = {name: (run["strategy"], run["generation"]["beam_width"], run["generation"]["mirror"])
+                 for name, run in runs.items()}
+    # a named strategy starts from picovlm's defaults, not from settings stored for another one
+    assert decodings == {"stored": ("mbr", 4, True), "width 2": ("mbr", 2, False), "beam": ("beam", 3, False)}

@@ -15,7 +15,7 @@ from picovlm.cli import build_parser, main
 from picovlm.config import PRESET_TRAIN, PRESETS, TrainConfig, get_preset, preset_train_config
 from picovlm.errors import UserError
 from picovlm.models.supravl import IGNORE_INDEX, SupraVL
-from picovlm.train import train_step
+from picovlm.train import train, train_step
 from tests.conftest import tiny_config
 
 
@@ -50,6 +50,16 @@ def test_pico_mobilenet_mirrors_and_crops_its_features_unless_augmenting_or_told
     assert [parse([*base, *flag]).feature_crop for flag in ([], ["--feature-crop", "0.7"])] == [None, 0.7]
 
 
+def test_pico_mobilenet_stores_its_best_measured_decoding_and_bad_ones_are_refused() -> None:
+    assert preset_train_config("pico-mobilenet").generation == {"strategy": "mbr", "beam_width": 8, "mirror": True,
+                                                                "mbr_temperature": 4.0}
+    assert preset_train_config("supravl-nano").generation == {}  # picovlm's default decoding
+    for bad, message in (({"beam_size": 8}, "unknown decoding settings \\(beam_size\\)"),
+                         ({"strategy": "beam", "mbr_temperature": 4.0}, "strategy 'beam' has none")):
+        with pytest.raises(UserError, match=message):  # before any data is read or anything trained
+            train(tiny_config(), TrainConfig(generation=bad), "unused", progress_bar=False)
+
+
 def test_augment_scale_reaches_the_train_config_beside_the_presets_augment() -> None:
     args = build_parser().parse_args(["train", "--preset", "pico-scratch", "--data", "d", "--out", "o",
                                       "--augment-scale", "0.5"])
@@ -73,12 +83,15 @@ def test_issue_3_presets_stay_within_their_parameter_budgets() -> None:
 def test_train_cli_uses_the_preset_recipe(tmp_path: Path, shapes_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setitem(config_mod.PRESETS, "tiny-test", lambda: tiny_config())
+    decoding = {"strategy": "mbr", "beam_width": 4, "mirror": True, "mbr_temperature": 2.0}
     monkeypatch.setitem(PRESET_TRAIN, "tiny-test", {"epochs": 1, "batch_size": 16, "label_smoothing": 0.2,
-                                                    "lr": 1e-3})
+                                                    "lr": 1e-3, "generation": decoding})
     args = ["train", "--preset", "tiny-test", "--data", str(shapes_dir), "--no-progress", "--max-steps", "2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     train = json.loads((tmp_path / "a" / "train_config.json").read_text())["train"]
     assert (train["epochs"], train["batch_size"], train["label_smoothing"], train["lr"]) == (1, 16, 0.2, 1e-3)
+    for saved in ("best", "last"):  # the recipe's decoding travels with every checkpoint
+        assert json.loads((tmp_path / "a" / saved / "generation_config.json").read_text()) == decoding
     assert main([*args, "--out", str(tmp_path / "b"), "--label-smoothing", "0", "--lr", "2e-3"]) == 0
     train = json.loads((tmp_path / "b" / "train_config.json").read_text())["train"]
     assert (train["label_smoothing"], train["lr"], train["batch_size"]) == (0.0, 2e-3, 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -17,8 +18,9 @@ import pytest
 
 import picovlm
 from picovlm.data.flickr8k import load_split
-from picovlm.generate import STRATEGIES
-from picovlm.serve import make_server
+from picovlm.errors import UserError
+from picovlm.generate import STRATEGIES, GenerationConfig
+from picovlm.serve import CaptionService, make_server
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,8 @@ def test_health_and_page(server, shapes_dir: Path) -> None:
     with urllib.request.urlopen(base + "/health") as r:
         health = json.loads(r.read())
     assert health == {"status": "ok", "model": "tiny-test-model",
-                      "params_unique": model.param_counts()["params_unique"]}
+                      "params_unique": model.param_counts()["params_unique"],
+                      "generation": dataclasses.asdict(GenerationConfig())}  # no generation_config.json: beam-3
     with urllib.request.urlopen(base + "/") as r:
         page = r.read().decode()
     assert 'id="file"' in page and 'id="strategy"' in page
@@ -62,6 +65,20 @@ def test_health_and_page(server, shapes_dir: Path) -> None:
     for query in queries:  # and the server takes every option's query
         status, _ = _post(f"{base}/explain?{query}", _image(shapes_dir).read_bytes(), "image/png")
         assert status == 200, query
+    assert '<option value="" selected>' in page  # the model's own decoding, first: a query without a strategy
+    status, result = _post(f"{base}/explain?", _image(shapes_dir).read_bytes(), "image/png")
+    assert status == 200 and result["strategy"] == "beam"
+
+
+def test_a_request_without_a_strategy_gets_the_checkpoints_own_decoding(trained_run: Path) -> None:
+    model = picovlm.load(str(trained_run / "best"))
+    model.generation = {"strategy": "mbr", "beam_width": 4, "mirror": True}
+    service = CaptionService(model, "m")
+    assert service.options({}) == GenerationConfig(strategy="mbr", beam_width=4, mirror=True)
+    assert service.options({"beam_width": ["2"]}) == GenerationConfig(strategy="mbr", beam_width=2, mirror=True)
+    assert service.options({"strategy": ["greedy"]}) == GenerationConfig(strategy="greedy")
+    with pytest.raises(UserError, match="strategy 'greedy' has none"):  # a 400 over HTTP
+        service.options({"strategy": ["greedy"], "mbr_temperature": ["4"]})
 
 
 @pytest.mark.parametrize("query, kwargs", [

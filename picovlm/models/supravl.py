@@ -72,6 +72,9 @@ class SupraVL(nn.Module):
         if cfg.lm_tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         self.tokenizer: CaptionTokenizer | None = None  # attached by picovlm.load / training
+        # The decoding this model's captions default to (GenerationConfig fields), saved as the
+        # checkpoint's generation_config.json; empty: GenerationConfig's defaults (beam, width 3).
+        self.generation: dict[str, Any] = {}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -240,8 +243,9 @@ class SupraVL(nn.Module):
             return push_to_hub(self.save_pretrained(Path(tmp) / "model"), repo_id, private=private, token=token)
 
     @torch.inference_mode()
-    def caption(self, images: Any, strategy: str = "beam", **kwargs: Any) -> list[str]:
-        """Caption images (paths, PIL images, or a (B, 3, H, W) tensor); see picovlm.generate."""
+    def caption(self, images: Any, strategy: str | None = None, **kwargs: Any) -> list[str]:
+        """Caption images (paths, PIL images, or a (B, 3, H, W) tensor) with the model's own decoding
+        (self.generation), or the strategy and settings given; see picovlm.generate.resolve_generation."""
         from picovlm.generate import caption_images
 
         return caption_images(self, images, strategy=strategy, **kwargs)
