@@ -34,6 +34,7 @@ from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, CARD, GENERATION)  # what the Hub gets and gives back
 SEED_KEYS = ("D_MODEL", "N_HEADS", "N_LAYERS", "D_FF", "VIS_CH", "N_VIS", "VOCAB_SIZE", "MAX_SEQ", "IMG_SIZE")
 
 
@@ -134,7 +135,7 @@ def resolve_model_dir(dir_or_repo: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, allow_patterns=[WEIGHTS, CONFIG, TOKENIZER, CARD, GENERATION]))
+        return Path(snapshot_download(text, allow_patterns=list(CHECKPOINT_FILES)))
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
         reason = first_line(e)
         raise UserError(f"cannot download {text!r} from the Hugging Face Hub ({reason}); "

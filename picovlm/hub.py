@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from picovlm.checkpoint import CARD, CONFIG, TOKENIZER, WEIGHTS, from_pretrained
+from picovlm.checkpoint import CHECKPOINT_FILES, from_pretrained
 from picovlm.errors import UserError, first_line
 
 
@@ -17,7 +17,7 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = False, toke
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(model_dir),
-                          allow_patterns=[WEIGHTS, CONFIG, TOKENIZER, CARD],
+                          allow_patterns=list(CHECKPOINT_FILES),
                           commit_message="Upload picovlm checkpoint")
     except Exception as e:  # network, auth, permissions
         reason = first_line(e)

@@ -57,6 +57,34 @@ def test_a_stored_decoding_round_trips_and_is_what_caption_runs(tmp_path: Path, 
     assert seen == [stored, GenerationConfig(strategy="greedy")]
 
 
+def test_a_hub_download_brings_the_stored_decoding(tmp_path: Path, trained_run: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub download keeps generation_config.json: a local folder in the repo's layout stands in
+    for the network, and snapshot_download's file filter is applied as the Hub applies it."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_run / "best", repo)
+    (repo / "generation_config.json").write_text('{"strategy": "mbr", "beam_width": 5}')
+    (repo / "notes.txt").write_text("not a checkpoint file")
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        local = tmp_path / "cache" / repo_id.replace("/", "--")
+        local.mkdir(parents=True)
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, pattern) for pattern in allow_patterns):
+                shutil.copy(f, local / f.name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = picovlm.load("me/tiny")
+    assert model.generation == {"strategy": "mbr", "beam_width": 5}
+    assert not (tmp_path / "cache" / "me--tiny" / "notes.txt").exists()
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", "is not valid JSON"),
     ("[8]", "is not a JSON object of decoding settings"),
@@ -129,7 +157,8 @@ def test_push_to_hub_uploads_the_checkpoint_files(tmp_path: Path, trained_run: P
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     url = hub.push_to_hub(trained_run / "best", "me/tiny", private=True)
     assert url.endswith("me/tiny") and calls["create"] == ("me/tiny", True, True)
-    assert calls["upload"][2] == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert calls["upload"][2] == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                  "tokenizer.json"]  # a checkpoint's own decoding travels with it
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no model.safetensors"):
         hub.push_to_hub(tmp_path / "empty", "me/empty")
