@@ -291,12 +291,12 @@ class TrainConfig:
     # map covering at least this share of the area, pooled to the grid: the random resized crop of
     # --augment, at no cost per step. Dev batches and generation see the whole map pooled.
     feature_crop: float = 1.0
-    # Second stage (picovlm.scst): self-critical sequence training on CIDEr-D from the best
-    # cross-entropy model, for scst_epochs epochs (0: none) of scst_images images x scst_samples
-    # sampled captions per step, peak learning rate scst_lr.
     # The decoding saved with each checkpoint of the run (its generation_config.json; GenerationConfig
     # fields), which caption, eval and serve run when told no strategy; empty: beam search, width 3.
     generation: dict[str, Any] = field(default_factory=dict)
+    # Second stage (picovlm.scst): self-critical sequence training on CIDEr-D from the best
+    # cross-entropy model, for scst_epochs epochs (0: none) of scst_images images x scst_samples
+    # sampled captions per step, peak learning rate scst_lr.
     scst_epochs: int = 0
     scst_lr: float = 1e-4
     scst_samples: int = 5
