@@ -26,7 +26,7 @@ from picovlm import __version__
 from picovlm.chat import IMAGE_TOKEN
 from picovlm.config import VLMConfig
 from picovlm.errors import UserError, first_line
-from picovlm.generate import GENERATION, GenerationConfig
+from picovlm.generate import GenerationConfig
 from picovlm.io import atomic_dir, check_state_dict, find_complete_dir
 from picovlm.models.mobilenet_v2 import FEATURE_CHANNELS
 from picovlm.models.nanovlm import NanoVLM
@@ -34,6 +34,7 @@ from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import CaptionTokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
+GENERATION = "generation_config.json"  # a captioner's own decoding, when it has one
 CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, CARD, GENERATION)  # what the Hub gets and gives back
 SEED_KEYS = ("D_MODEL", "N_HEADS", "N_LAYERS", "D_FF", "VIS_CH", "N_VIS", "VOCAB_SIZE", "MAX_SEQ", "IMG_SIZE")
 

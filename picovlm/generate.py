@@ -42,7 +42,6 @@ from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
 
 STRATEGIES = ("greedy", "beam", "mbr", "sample", "topk", "topp")
-GENERATION = "generation_config.json"  # a checkpoint's own decoding, beside its config.json
 
 
 @dataclass
