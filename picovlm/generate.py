@@ -83,12 +83,13 @@ class GenerationConfig:
             raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.beam_width < 1 or self.top_k < 1 or not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise UserError("need beam_width >= 1, top_k >= 1, 0 < top_p <= 1 and temperature > 0")
-        if self.mbr_temperature is not None and not self.mbr_temperature > 0:
-            raise UserError(f"mbr temperature (--mbr-temperature) must be > 0, got {self.mbr_temperature}")
-        if self.mbr_temperature is not None and self.strategy != "mbr":
-            # Refused rather than ignored: a weighting that silently does nothing reads as a result.
-            raise UserError(f"the mbr temperature (--mbr-temperature) weighs mbr's beams; strategy "
-                            f"{self.strategy!r} has none: add --strategy mbr or leave the temperature out")
+        if self.mbr_temperature is not None:
+            if not self.mbr_temperature > 0:
+                raise UserError(f"mbr temperature (--mbr-temperature) must be > 0, got {self.mbr_temperature}")
+            if self.strategy != "mbr":
+                # Refused rather than ignored: a weighting that silently does nothing reads as a result.
+                raise UserError(f"the mbr temperature (--mbr-temperature) weighs mbr's beams; strategy "
+                                f"{self.strategy!r} has none: add --strategy mbr or leave the temperature out")
 
 
 class DecodingSession(Protocol):
