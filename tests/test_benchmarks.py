@@ -27,8 +27,9 @@ def test_caption_speed(trained_run: Path, shapes_dir: Path) -> None:
 
 def test_mbr_cost(trained_run: Path, shapes_dir: Path) -> None:
     report = _run("benchmarks.mbr_cost", "--model", str(trained_run / "best"), "--data", str(shapes_dir),
-                  "--images", "4", "--width", "3", "--rounds", "1", "--mbr-temperature", "2")
+                  "--images", "4", "--width", "3", "--rounds", "1", "--mbr-temperature", "2", "--mirror")
     assert report["images"] == 4 and report["beam_width"] == 3 and report["mbr_temperature"] == 2.0
+    assert report["mirror"] is True
     assert report["beam_s_median"] > 0 and report["mbr_over_beam"] > 0 and 0 <= report["picked_another_beam"] <= 1
 
 
