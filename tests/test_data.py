@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -138,6 +139,28 @@ def test_cache_skips_bad_files_reuses_and_rebuilds(tmp_path: Path, monkeypatch: 
     arr3, _ = cached_images(tmp_path / "img", names, 16, tmp_path / "cache")
     assert len(calls) == 3 and arr3[0].mean() > 250
 
+
+
+def test_cache_wanted_twice_at_once_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two training runs started together on one dataset: the second waits for the first's cache
+    # instead of decoding every image again (threads here; the lock file works across processes).
+    names = [f"{i}.jpg" for i in range(4)]
+    _write_images(tmp_path / "img", names)
+    decoded, start = [], threading.Barrier(2)
+    real = images_mod.load_image
+    monkeypatch.setattr(images_mod, "load_image", lambda p: decoded.append(p) or time.sleep(0.05) or real(p))
+    results: list[np.ndarray] = []
+
+    def run() -> None:
+        start.wait()
+        results.append(cached_images(tmp_path / "img", names, 16, tmp_path / "cache", progress=False)[0])
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(decoded) == len(names) and len(results) == 2 and np.array_equal(results[0], results[1])
 
 def test_batches_pad_truncate_and_shuffle(shapes_dir: Path) -> None:
     data = load_split(shapes_dir, "train")

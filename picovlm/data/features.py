@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from picovlm.config import VLMConfig
-from picovlm.data.images import default_cache_dir, files_fingerprint, normalize, read_array_cache, write_array_cache
+from picovlm.data.images import default_cache_dir, files_fingerprint, normalize, read_or_build_cache
 
 
 def backbone_hash(backbone: torch.nn.Module) -> str:
@@ -58,16 +58,13 @@ def cached_features(encoder: torch.nn.Module, images: np.ndarray, root: Path, na
     key = hashlib.sha1(ident.encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"features-{key}.npy", cache_dir / f"features-{key}.json"
     fingerprint = files_fingerprint(root, names)
-    cached = read_array_cache(array_path, meta_path, fingerprint, names)
-    if cached is not None:
-        return cached[0]
-    out = _compute(encoder, images, cfg, batch_size, device, progress, mirrored, whole_map)
-    write_array_cache(array_path, meta_path, out, {"root": str(root.resolve()), "size": cfg.img_size,
-                                                   "grid": None if whole_map else cfg.cnn_grid,
-                                                   "mirrored": mirrored,
-                                                   "backbone_sha1": weights, "names": names,
-                                                   "fingerprint": fingerprint})
-    return out
+
+    def compute() -> tuple[np.ndarray, dict]:
+        out = _compute(encoder, images, cfg, batch_size, device, progress, mirrored, whole_map)
+        return out, {"root": str(root.resolve()), "size": cfg.img_size, "grid": None if whole_map else cfg.cnn_grid,
+                     "mirrored": mirrored, "backbone_sha1": weights, "names": names, "fingerprint": fingerprint}
+
+    return read_or_build_cache(array_path, meta_path, fingerprint, names, compute)[0]
 
 
 @torch.no_grad()

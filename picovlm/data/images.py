@@ -7,7 +7,8 @@ refused. Every failure is a `UserError` naming the file.
 `cached_images` decodes and resizes a list of files once into `<cache>/<key>.npy`, an array
 of shape (N, S, S, 3) uint8, next to a JSON file recording where it came from. The key
 depends on the source folder and the size; the JSON's fingerprint (names, byte sizes and
-modification times of the files) decides whether an existing cache is still valid.
+modification times of the files) decides whether an existing cache is still valid. Processes
+that want the same cache at once build it once (`read_or_build_cache`, under a lock file).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -121,25 +123,48 @@ def cached_images(root: Path, names: list[str], size: int, cache_dir: Path | Non
     key = hashlib.sha1(f"{root.resolve()}|{size}|{len(names)}".encode()).hexdigest()[:16]
     array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
     fingerprint = files_fingerprint(root, names)
+
+    def decode_all() -> tuple[np.ndarray, dict]:
+        images = np.zeros((len(names), size, size, 3), dtype=np.uint8)
+        ok = np.ones(len(names), dtype=bool)
+        failures: list[str] = []
+        bar = tqdm(names, desc=f"caching images at {size}px", unit="img", leave=False, disable=not progress)
+        for i, name in enumerate(bar):
+            try:
+                images[i] = resize_square(load_image(root / name), size)
+            except UserError as e:
+                ok[i] = False
+                failures.append(str(e))
+        if failures:
+            shown = "; ".join(failures[:3])
+            # stacklevel 4: the warning points at the caller of cached_images
+            warnings.warn(f"skipped {len(failures)} unreadable image(s) of {len(names)}: {shown}", stacklevel=4)
+        return images, {"root": str(root.resolve()), "size": size, "names": names, "fingerprint": fingerprint,
+                        "ok": ok.tolist()}
+
+    images, meta = read_or_build_cache(array_path, meta_path, fingerprint, names, decode_all)
+    return images, np.array(meta["ok"], dtype=bool)
+
+
+def read_or_build_cache(array_path: Path, meta_path: Path, fingerprint: str, names: list[str],
+                        build: Callable[[], tuple[np.ndarray, dict]]) -> tuple[np.ndarray, dict]:
+    """The cached array and its JSON if they still describe these files, else build()'s, written there.
+
+    The build runs under a lock file beside the array, so that processes wanting the same cache
+    (two training runs on one dataset, started together) build it once: the others wait, then
+    read what the first wrote. A valid cache is read without the lock, so a read-only cache
+    folder still serves."""
     cached = read_array_cache(array_path, meta_path, fingerprint, names)
     if cached is not None:
-        return cached[0], np.array(cached[1]["ok"], dtype=bool)
-    images = np.zeros((len(names), size, size, 3), dtype=np.uint8)
-    ok = np.ones(len(names), dtype=bool)
-    failures: list[str] = []
-    bar = tqdm(names, desc=f"caching images at {size}px", unit="img", leave=False, disable=not progress)
-    for i, name in enumerate(bar):
-        try:
-            images[i] = resize_square(load_image(root / name), size)
-        except UserError as e:
-            ok[i] = False
-            failures.append(str(e))
-    if failures:
-        shown = "; ".join(failures[:3])
-        warnings.warn(f"skipped {len(failures)} unreadable image(s) of {len(names)}: {shown}", stacklevel=2)
-    write_array_cache(array_path, meta_path, images, {"root": str(root.resolve()), "size": size, "names": names,
-                                                      "fingerprint": fingerprint, "ok": ok.tolist()})
-    return images, ok
+        return cached
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{array_path}.lock"):
+        cached = read_array_cache(array_path, meta_path, fingerprint, names)  # built while this one waited
+        if cached is not None:
+            return cached
+        array, meta = build()
+        write_array_cache(array_path, meta_path, array, meta)
+    return array, meta
 
 
 def read_array_cache(array_path: Path, meta_path: Path, fingerprint: str,
