@@ -140,7 +140,6 @@ def test_cache_skips_bad_files_reuses_and_rebuilds(tmp_path: Path, monkeypatch: 
     assert len(calls) == 3 and arr3[0].mean() > 250
 
 
-
 def test_cache_wanted_twice_at_once_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Two training runs started together on one dataset: the second waits for the first's cache
     # instead of decoding every image again (threads here; the lock file works across processes).
@@ -161,6 +160,7 @@ def test_cache_wanted_twice_at_once_is_built_once(tmp_path: Path, monkeypatch: p
     for t in threads:
         t.join()
     assert len(decoded) == len(names) and len(results) == 2 and np.array_equal(results[0], results[1])
+
 
 def test_batches_pad_truncate_and_shuffle(shapes_dir: Path) -> None:
     data = load_split(shapes_dir, "train")
