@@ -182,8 +182,8 @@ def read_array_cache(array_path: Path, meta_path: Path, fingerprint: str,
 
 
 def write_array_cache(array_path: Path, meta_path: Path, array: np.ndarray, meta: dict) -> None:
-    """Array first, JSON last (each atomically): the JSON's presence marks a complete cache."""
-    array_path.parent.mkdir(parents=True, exist_ok=True)
+    """Array first, JSON last (each atomically): the JSON's presence marks a complete cache. The
+    folder exists: read_or_build_cache, the one caller, made it for its lock file."""
     with atomic_write(array_path) as f:
         np.save(f, array)
     with atomic_write(meta_path) as f:
