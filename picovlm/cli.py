@@ -50,6 +50,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="also read each image mirrored; decode from the two views' averaged log-probs")
+    p.add_argument("--center-crop", type=float, default=None, metavar="SHARE",
+                   help="also read the centre crop of each view covering SHARE of its side (e.g. 0.8), "
+                        "enlarged back to the input size, and average it in like the mirror")
     p.add_argument("--mbr-temperature", type=float, default=None, metavar="T",
                    help="mbr: pick the beam with the highest expected BLEU-4 against the beams weighted by "
                         "softmax(log-prob / T), itself included (default: the beam most like the others)")
@@ -60,7 +63,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     return {"beam_width": args.beam_width, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "max_new_tokens": args.max_new_tokens, "mirror": args.mirror,
-            "mbr_temperature": args.mbr_temperature}
+            "center_crop": args.center_crop, "mbr_temperature": args.mbr_temperature}
 
 
 def build_parser() -> argparse.ArgumentParser:

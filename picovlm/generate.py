@@ -19,6 +19,10 @@ keeps the one the others agree with most: the highest sentence BLEU-4 against th
 as its references, on token ids. The most probable caption is often not the one with most
 in common with the other likely captions; the metrics reward the second kind.
 
+Any strategy can also read each image in several views and rank the next tokens by the mean of
+the views' log-probabilities (test-time augmentation, views()): the image and its mirror (`mirror`),
+and the centre crop of each enlarged back to full size (`center_crop`, a share of the side).
+
 A caller that names no strategy gets the model's own decoding: the settings its checkpoint stores
 in generation_config.json (`model.generation`), else beam search of width 3 (resolve_generation).
 """
@@ -56,6 +60,9 @@ class GenerationConfig:
     seed: int | None = None  # for the sampling strategies
     use_cache: bool = True
     mirror: bool = False  # also read each image mirrored and average the two views' next-token log-probs
+    # Also read the centre crop of each image (and of its mirror) covering this share of its side,
+    # enlarged back to the input size: a closer view, averaged in like the mirror. None: no crop.
+    center_crop: float | None = None
     # mbr: None picks the beam most like the others (consensus); T > 0 the beam with the highest
     # expected BLEU-4 against a beam drawn with probability softmax(log-prob / T) (Kumar & Byrne 2004)
     mbr_temperature: float | None = None
@@ -83,6 +90,9 @@ class GenerationConfig:
             raise UserError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.beam_width < 1 or self.top_k < 1 or not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise UserError("need beam_width >= 1, top_k >= 1, 0 < top_p <= 1 and temperature > 0")
+        if self.center_crop is not None and not 0 < self.center_crop < 1:
+            raise UserError(f"the centre crop (--center-crop) is a share of the image's side, between 0 and 1 "
+                            f"(0.8 keeps the middle 80 %), got {self.center_crop}")
         if self.mbr_temperature is not None:
             if not self.mbr_temperature > 0:
                 raise UserError(f"mbr temperature (--mbr-temperature) must be > 0, got {self.mbr_temperature}")
@@ -90,6 +100,11 @@ class GenerationConfig:
                 # Refused rather than ignored: a weighting that silently does nothing reads as a result.
                 raise UserError(f"the mbr temperature (--mbr-temperature) weighs mbr's beams; strategy "
                                 f"{self.strategy!r} has none: add --strategy mbr or leave the temperature out")
+
+    @property
+    def n_views(self) -> int:
+        """Views decoded together per image: itself, [its mirror], [the centre crop of each]."""
+        return (1 + self.mirror) * (1 + (self.center_crop is not None))
 
 
 class DecodingSession(Protocol):
@@ -129,7 +144,7 @@ class _PrefixSession:
 
 
 class _ViewsSession:
-    """Test-time augmentation: each image seen in several views (the image and its mirror), the
+    """Test-time augmentation: each image seen in several views (see views()), the
     next-token log-probabilities averaged over its views, so every strategy decodes one caption
     per image from the views' agreement. The inner session holds view k of row i at k * N + i."""
 
@@ -155,30 +170,46 @@ def _max_steps(model: SupraVL, gen: GenerationConfig) -> int:
     return limit if gen.max_new_tokens is None else max(0, min(gen.max_new_tokens, limit))
 
 
+def views(images: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
+    """images (B, 3, H, W) -> (gen.n_views * B, 3, H, W), view after view: the images, their mirrors
+    (gen.mirror), then the centre crop of each of those, enlarged back to H x W (gen.center_crop)."""
+    seen = [images, images.flip(-1)] if gen.mirror else [images]
+    if gen.center_crop is not None:
+        H, W = images.shape[-2:]
+        h, w = round(H * gen.center_crop), round(W * gen.center_crop)
+        top, left = (H - h) // 2, (W - w) // 2
+        closer = F.interpolate(images[..., top:top + h, left:left + w], size=(H, W), mode="bilinear",
+                               antialias=True, align_corners=False)  # linear: as if done before normalising
+        seen += [closer, closer.flip(-1)] if gen.mirror else [closer]
+    return torch.cat(seen)
+
+
 @torch.inference_mode()
 def generate(model: SupraVL, images: torch.Tensor, gen: GenerationConfig | None = None) -> list[list[int]]:
     """images (B, 3, H, W) normalised -> B token lists (no <bos>, cut before <eos>)."""
     model.eval()
-    if gen is not None and gen.mirror:  # the mirrored views after the originals: (2B, 3, H, W)
-        images = torch.cat([images, images.flip(-1)])
-    return generate_from_visual(model, model.encode_images(images), gen)  # visual tokens (B, P, D)
+    gen = gen or GenerationConfig()
+    gen.validate()  # before the views are cut
+    return generate_from_visual(model, model.encode_images(views(images, gen)), gen)  # visual (V*B, P, D)
 
 
 @torch.inference_mode()
 def generate_from_visual(model: SupraVL, visual: torch.Tensor, gen: GenerationConfig | None = None
                          ) -> list[list[int]]:
-    """generate() for images already encoded: visual (B, P, D) -> B token lists. With gen.mirror,
-    visual is (2B, P, D): the B images, then the same images mirrored."""
+    """generate() for images already encoded: visual (B, P, D) -> B token lists. With several views
+    (gen.mirror, gen.center_crop), visual is (V * B, P, D), the views of the B images one after
+    another, as views() lays them out."""
     gen = gen or GenerationConfig()
     gen.validate()
     model.eval()
     start = torch.full((visual.shape[0], 1), model.cfg.bos_token_id, dtype=torch.long, device=visual.device)
     session: DecodingSession = _PrefixSession(model, visual, start, gen.use_cache)
-    if gen.mirror:
-        if visual.shape[0] % 2:
-            raise ValueError("mirror needs the visual tokens of each image and of its mirror: an even batch")
-        start = start[:visual.shape[0] // 2]
-        session = _ViewsSession(session, n_views=2, n_rows=start.shape[0])
+    if gen.n_views > 1:
+        if visual.shape[0] % gen.n_views:
+            raise ValueError(f"{gen.n_views} views per image need visual tokens for each: a batch of a multiple "
+                             f"of {gen.n_views}, got {visual.shape[0]}")
+        start = start[:visual.shape[0] // gen.n_views]
+        session = _ViewsSession(session, n_views=gen.n_views, n_rows=start.shape[0])
     return decode(session, start, gen, model.cfg.eos_token_id, _max_steps(model, gen))
 
 

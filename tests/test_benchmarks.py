@@ -33,6 +33,15 @@ def test_mbr_cost(trained_run: Path, shapes_dir: Path) -> None:
     assert report["beam_s_median"] > 0 and report["mbr_over_beam"] > 0 and 0 <= report["picked_another_beam"] <= 1
 
 
+def test_views_cost(trained_run: Path, shapes_dir: Path) -> None:
+    report = _run("benchmarks.views_cost", "--model", str(trained_run / "best"), "--data", str(shapes_dir),
+                  "--images", "4", "--strategy", "mbr", "--beam-width", "3", "--rounds", "1", "--center-crop", "0.7")
+    assert report["images"] == 4 and report["center_crop"] == 0.7
+    assert report["generation"]["strategy"] == "mbr" and report["generation"]["beam_width"] == 3
+    assert not report["generation"]["mirror"] and report["generation"]["center_crop"] is None
+    assert report["over_one_view"]["1_views"] == 1.0 and all(s > 0 for s in report["seconds_median"].values())
+
+
 def test_caption_memory(trained_run: Path, shapes_dir: Path) -> None:
     image = str(load_split(shapes_dir, "dev").image_dir / load_split(shapes_dir, "dev").names[0])
     report = _run("benchmarks.caption_memory", "--model", str(trained_run / "best"), image)

@@ -79,7 +79,14 @@ def test_caption_cli_mirror_decodes_from_both_views(trained_run: Path, shapes_di
     assert main(["caption", image, "--model", str(trained_run / "best"), "--mirror", "--json"]) == 0
     assert views_sessions == [{"n_views": 2, "n_rows": 1}]  # the flag reached the decoder
     caption = json.loads(capsys.readouterr().out)[0]["caption"]
-    assert caption == picovlm.load(str(trained_run / "best")).caption([image], mirror=True)[0]
+    model = picovlm.load(str(trained_run / "best"))
+    assert caption == model.caption([image], mirror=True)[0]
+    args = ["caption", image, "--model", str(trained_run / "best"), "--center-crop", "0.75"]
+    assert main([*args, "--mirror", "--json"]) == 0
+    assert views_sessions[-1] == {"n_views": 4, "n_rows": 1}  # the image, its mirror, the crop of each
+    caption = json.loads(capsys.readouterr().out)[0]["caption"]
+    assert caption == model.caption([image], mirror=True, center_crop=0.75)[0]
+    assert_one_line_error(run_cli(*args[:-1], "1.0"), "--center-crop) is a share of the image's side")
 
 
 def test_caption_cli_mbr_temperature_weighs_the_beams(trained_run: Path, shapes_dir: Path, monkeypatch,

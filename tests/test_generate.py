@@ -23,8 +23,10 @@ from picovlm.generate import (
     _ViewsSession,
     decode,
     generate,
+    generate_from_visual,
     preprocess,
     sentence_bleu,
+    views,
 )
 from picovlm.kv_cache import KVCache
 from picovlm.models.supravl import SupraVL
@@ -40,6 +42,8 @@ STRATEGY_CASES = [
     GenerationConfig(strategy="topp", top_p=0.8, temperature=1.2, seed=7),
     GenerationConfig(strategy="beam", beam_width=3, mirror=True),
     GenerationConfig(strategy="topk", top_k=20, temperature=0.9, seed=7, mirror=True),
+    GenerationConfig(strategy="mbr", beam_width=4, mirror=True, center_crop=0.8, mbr_temperature=2.0),
+    GenerationConfig(strategy="greedy", center_crop=0.6),
 ]
 
 
@@ -50,7 +54,8 @@ def model_and_pixels(trained_run: Path, shapes_dir: Path) -> tuple[SupraVL, torc
     return model, preprocess([dev.image_dir / n for n in dev.names[:8]], model)
 
 
-@pytest.mark.parametrize("gen", STRATEGY_CASES, ids=lambda g: f"{g.strategy}-{g.length_penalty}-{g.mirror}")
+@pytest.mark.parametrize("gen", STRATEGY_CASES,
+                         ids=lambda g: f"{g.strategy}-{g.length_penalty}-{g.mirror}-{g.center_crop}")
 def test_cache_gives_the_tokens_of_full_recomputation(model_and_pixels, gen: GenerationConfig) -> None:
     model, pixels = model_and_pixels
     cached = generate(model, pixels, gen)
@@ -189,6 +194,44 @@ def test_mirror_averages_the_log_probs_of_the_two_views(model_and_pixels) -> Non
     assert not torch.allclose(averaged, views[0], atol=1e-3)  # the mirror changes what the model reads
 
 
+def test_views_are_the_image_its_mirror_and_the_centre_crop_of_each() -> None:
+    """An 8x8 image whose middle 4x4 is one colour: the centre crop of half its side is that
+    colour everywhere, enlarged; the image is not symmetric, so its mirror is another view."""
+    image = torch.zeros(1, 3, 8, 8)
+    image[..., 2:6, 2:6] = torch.tensor([0.5, -1.0, 2.0]).view(3, 1, 1)
+    image[..., 0, 0] = 3.0  # one corner marked
+    seen = views(image, GenerationConfig(mirror=True, center_crop=0.5))  # (4, 3, 8, 8)
+    assert seen.shape == (4, 3, 8, 8) and GenerationConfig(mirror=True, center_crop=0.5).n_views == 4
+    torch.testing.assert_close(seen[0], image[0])
+    torch.testing.assert_close(seen[1], image[0].flip(-1))
+    torch.testing.assert_close(seen[2], image[0, :, 2:3, 2:3].expand(3, 8, 8))
+    torch.testing.assert_close(seen[3], seen[2].flip(-1))
+    assert views(image, GenerationConfig(center_crop=0.5)).shape == (2, 3, 8, 8)
+    torch.testing.assert_close(views(image, GenerationConfig()), image)
+    # A crop that keeps 6 of 8 pixels each way starts at pixel 1: the marked corner falls outside.
+    assert views(image, GenerationConfig(center_crop=0.75))[1].max() < 3.0
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "mbr"])
+def test_centre_crop_decodes_each_image_from_its_four_views(model_and_pixels, strategy: str) -> None:
+    """Each image's caption comes from its own four views wherever it sits in the batch; the image
+    and its mirror have the same four views, so the same caption; the crop changes what is read."""
+    model, pixels = model_and_pixels
+    gen = GenerationConfig(strategy=strategy, beam_width=4, mirror=True, center_crop=0.7)
+    captions = generate(model, pixels, gen)
+    assert captions == [generate(model, pixels[i:i + 1], gen)[0] for i in range(len(pixels))]
+    assert captions == generate(model, pixels.flip(-1), gen)
+    B = len(pixels)
+    visual = model.encode_images(views(pixels, gen))  # (4B, P, D)
+    start = torch.full((4 * B, 1), model.cfg.bos_token_id)
+    session = _ViewsSession(_PrefixSession(model, visual, start, use_cache=True), n_views=4, n_rows=B)
+    each = [F.log_softmax(model.next_token_logits(start[:B], visual[k * B:(k + 1) * B]), dim=-1) for k in range(4)]
+    torch.testing.assert_close(session.prefill(), sum(each) / 4)
+    assert not torch.allclose(each[2], each[0], atol=1e-3)  # the crop is not the image again
+    with pytest.raises(ValueError, match="4 views per image"):
+        generate_from_visual(model, visual[:-1], gen)
+
+
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(model_and_pixels) -> None:
     model, pixels = model_and_pixels
     gen = GenerationConfig(strategy="topk", top_k=50, temperature=2.0, seed=123)
@@ -233,6 +276,9 @@ def test_bad_generation_settings_are_user_errors(model_and_pixels) -> None:
         generate(model, pixels, GenerationConfig(strategy="mbr", mbr_temperature=0))
     with pytest.raises(UserError, match="strategy 'beam' has none"):
         generate(model, pixels, GenerationConfig(strategy="beam", mbr_temperature=4))
+    for share in (0, 1, 1.5, -0.2):
+        with pytest.raises(UserError, match="centre crop .* between 0 and 1"):
+            generate(model, pixels, GenerationConfig(center_crop=share))
 
 
 def test_kv_cache_overflow_is_refused() -> None:

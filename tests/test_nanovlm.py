@@ -106,8 +106,9 @@ def test_generation_with_cache_equals_recomputation(strategy: str) -> None:
                                                                           seed=0))
     if strategy != "topk":  # sampling draws depend on the batch
         assert alone[0] == outs[0][1]
-    with pytest.raises(ValueError, match="mirror decoding is for SupraVL"):
-        model.generate(ids, images, mask, GenerationConfig(strategy=strategy, mirror=True))
+    for views in ({"mirror": True}, {"center_crop": 0.8}):
+        with pytest.raises(ValueError, match="mirror and centre-crop decoding are for SupraVL"):
+            model.generate(ids, images, mask, GenerationConfig(strategy=strategy, **views))
 
 
 def test_generation_stops_at_eos_per_row() -> None:

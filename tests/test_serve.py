@@ -88,6 +88,7 @@ def test_a_request_without_a_strategy_gets_the_checkpoints_own_decoding(trained_
     ("strategy=greedy&mirror=1", {"strategy": "greedy", "mirror": True}),
     ("strategy=mbr&beam_width=8&mirror=true", {"strategy": "mbr", "beam_width": 8, "mirror": True}),
     ("strategy=mbr&beam_width=8&mbr_temperature=4", {"strategy": "mbr", "beam_width": 8, "mbr_temperature": 4.0}),
+    ("strategy=beam&mirror=1&center_crop=0.75", {"strategy": "beam", "mirror": True, "center_crop": 0.75}),
 ])
 def test_caption_matches_the_python_api(server, shapes_dir: Path, query: str, kwargs: dict) -> None:
     base, model = server

@@ -148,8 +148,9 @@ class NanoVLM(nn.Module):
 
         gen = gen or GenerationConfig(strategy="greedy")
         gen.validate()
-        if gen.mirror:
-            raise ValueError("mirror decoding is for SupraVL captioners; a NanoVLM prompt may name left and right")
+        if gen.n_views > 1:
+            raise ValueError("mirror and centre-crop decoding are for SupraVL captioners; a NanoVLM prompt may "
+                             "name left and right, or what lies at the edges")
         self.eval()
         room = self.cfg.lm_max_position_embeddings - input_ids.shape[1]
         n_steps = max(0, min(gen.max_new_tokens or 64, room))
