@@ -370,11 +370,13 @@ PRESET_TRAIN: dict[str, dict[str, Any]] = {
     # 20.7 / 19.9, 20.0 / 19.8, 19.6 / 19.5 (BLEU-4 / METEOR, three seeds): METEOR +0.4 to +0.7 over 224 px.
     # Crops down to 0.3 of the map and 8 epochs: dev loss 2.86 (three seeds), beam-3 about the same,
     # mbr-8 21.1 / 20.2, 20.9 / 20.0, 20.3 / 19.8 (mean +0.7 BLEU-4 over 6 epochs of crops >= 0.5).
-    # Its best decoding, stored in its checkpoints: mbr over 8 beams of the image and its mirror,
-    # weighted at T = 4: mbr-8 21.0 / 20.1 mean BLEU-4 / METEOR over four seeds (docs/ablations.md).
+    # Its best decoding, stored in its checkpoints: mbr over 8 beams, weighted at T = 4, of the image
+    # and its mirror: 21.0 / 20.1 mean BLEU-4 / METEOR over four seeds; with the centre crop of both
+    # (0.8 of the side) as two more views, 21.3 / 20.3 on four other checkpoints (docs/ablations.md).
     "pico-mobilenet": {"epochs": 8, "lr": 1e-3, "label_smoothing": 0.1, "ema_decay": 0.999,
                        "mirror_features": True, "feature_crop": 0.3,
-                       "generation": {"strategy": "mbr", "beam_width": 8, "mirror": True, "mbr_temperature": 4.0}},
+                       "generation": {"strategy": "mbr", "beam_width": 8, "mirror": True, "center_crop": 0.8,
+                                      "mbr_temperature": 4.0}},
     # Without augmentation the wider CNN overfits from epoch 6 on (dev loss 3.17, rising); with it
     # the dev loss still falls at epoch 8 (3.08). With the weight average and 12 epochs it reaches
     # 3.02 (epoch 9) and beam-3 BLEU-4 12.3, in 23 minutes on one core. Twice as long, with decoder

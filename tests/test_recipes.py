@@ -52,7 +52,7 @@ def test_pico_mobilenet_mirrors_and_crops_its_features_unless_augmenting_or_told
 
 def test_pico_mobilenet_stores_its_best_measured_decoding_and_bad_ones_are_refused() -> None:
     assert preset_train_config("pico-mobilenet").generation == {"strategy": "mbr", "beam_width": 8, "mirror": True,
-                                                                "mbr_temperature": 4.0}
+                                                                "center_crop": 0.8, "mbr_temperature": 4.0}
     assert preset_train_config("supravl-nano").generation == {}  # picovlm's default decoding
     for bad, message in (({"beam_size": 8}, "unknown decoding settings \\(beam_size\\)"),
                          ({"strategy": "beam", "mbr_temperature": 4.0}, "strategy 'beam' has none")):
