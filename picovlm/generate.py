@@ -172,7 +172,8 @@ def _max_steps(model: SupraVL, gen: GenerationConfig) -> int:
 
 def views(images: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
     """images (B, 3, H, W) -> (gen.n_views * B, 3, H, W), view after view: the images, their mirrors
-    (gen.mirror), then the centre crop of each of those, enlarged back to H x W (gen.center_crop)."""
+    (gen.mirror), then the images' centre crops enlarged back to H x W (gen.center_crop) and, with
+    gen.mirror, the mirrors of those."""
     seen = [images, images.flip(-1)] if gen.mirror else [images]
     if gen.center_crop is not None:
         H, W = images.shape[-2:]

@@ -206,6 +206,12 @@ def test_views_are_the_image_its_mirror_and_the_centre_crop_of_each() -> None:
     torch.testing.assert_close(seen[1], image[0].flip(-1))
     torch.testing.assert_close(seen[2], image[0, :, 2:3, 2:3].expand(3, 8, 8))
     torch.testing.assert_close(seen[3], seen[2].flip(-1))
+    noise = torch.randn(2, 3, 8, 8)  # asymmetric everywhere: which view sits where shows
+    four, two = (views(noise, GenerationConfig(mirror=mirror, center_crop=0.75)) for mirror in (True, False))
+    torch.testing.assert_close(four[2:4], noise.flip(-1))
+    torch.testing.assert_close(four[4:6], two[2:4])  # the crops, after the image and its mirror
+    torch.testing.assert_close(four[6:8], two[2:4].flip(-1))
+    assert not torch.allclose(two[2:4], noise, atol=0.1)
     assert views(image, GenerationConfig(center_crop=0.5)).shape == (2, 3, 8, 8)
     torch.testing.assert_close(views(image, GenerationConfig()), image)
     # A crop that keeps 6 of 8 pixels each way starts at pixel 1: the marked corner falls outside.
