@@ -31,6 +31,19 @@ def timed(fn: Callable[[torch.Tensor], list[str]], pixels: torch.Tensor) -> tupl
     return time.perf_counter() - t0, out
 
 
+def decode_in_rounds(model: torch.nn.Module, pixels: torch.Tensor, configs: dict[str, GenerationConfig],
+                     rounds: int) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
+    """Decode the same pixels with each config in turn, `rounds` times over, so that machine noise
+    hits every arm alike: the median seconds of each, and the tokens of its last round."""
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    tokens: dict[str, list[list[int]]] = {}
+    for _ in range(rounds):
+        for name, gen in configs.items():
+            elapsed, tokens[name] = timed(lambda x, gen=gen: generate(model, x, gen), pixels)
+            seconds[name].append(elapsed)
+    return {name: statistics.median(s) for name, s in seconds.items()}, tokens
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

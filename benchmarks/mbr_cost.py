@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 import picovlm
-from benchmarks.caption_speed import timed
+from benchmarks.caption_speed import decode_in_rounds
 from picovlm.data.flickr8k import load_split
 from picovlm.data.prepare import default_data_dir
-from picovlm.generate import GenerationConfig, generate, preprocess
+from picovlm.generate import GenerationConfig, preprocess
 
 
 def main() -> None:
@@ -42,13 +41,8 @@ def main() -> None:
     configs = {"beam": GenerationConfig(strategy="beam", beam_width=args.width, mirror=args.mirror),
                "mbr": GenerationConfig(strategy="mbr", beam_width=args.width, mirror=args.mirror,
                                        mbr_temperature=args.mbr_temperature)}
-    seconds: dict[str, list[float]] = {name: [] for name in configs}
-    captions: dict[str, list[list[int]]] = {}
-    for _ in range(args.rounds):
-        for name, gen in configs.items():
-            elapsed, captions[name] = timed(lambda x, gen=gen: generate(model, x, gen), pixels)
-            seconds[name].append(elapsed)
-    beam_s, mbr_s = statistics.median(seconds["beam"]), statistics.median(seconds["mbr"])
+    median, captions = decode_in_rounds(model, pixels, configs, args.rounds)
+    beam_s, mbr_s = median["beam"], median["mbr"]
     print(json.dumps({
         "benchmark": "mbr_cost", "model": args.model, "threads": torch.get_num_threads(),
         "images": len(pixels), "beam_width": args.width, "mirror": args.mirror,

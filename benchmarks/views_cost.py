@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 
 import torch
 
 import picovlm
-from benchmarks.caption_speed import timed
+from benchmarks.caption_speed import decode_in_rounds
 from picovlm.data.flickr8k import load_split
 from picovlm.data.prepare import default_data_dir
-from picovlm.generate import generate, preprocess, resolve_generation
+from picovlm.generate import preprocess, resolve_generation
 
 
 def main() -> None:
@@ -46,11 +45,7 @@ def main() -> None:
     one = dataclasses.replace(chosen, mirror=False, center_crop=None)
     arms = {"1": one, "2": dataclasses.replace(one, mirror=True),
             "4": dataclasses.replace(one, mirror=True, center_crop=args.center_crop)}
-    seconds: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(args.rounds):
-        for name, gen in arms.items():
-            seconds[name].append(timed(lambda x, gen=gen: generate(model, x, gen), pixels)[0])
-    median = {name: statistics.median(s) for name, s in seconds.items()}
+    median, _ = decode_in_rounds(model, pixels, arms, args.rounds)
     print(json.dumps({
         "benchmark": "views_cost", "model": args.model, "threads": torch.get_num_threads(),
         "images": len(pixels), "generation": dataclasses.asdict(one), "center_crop": args.center_crop,
