@@ -31,11 +31,13 @@ from picovlm.io import atomic_dir, check_state_dict, find_complete_dir
 from picovlm.models.mobilenet_v2 import FEATURE_CHANNELS
 from picovlm.models.nanovlm import NanoVLM
 from picovlm.models.supravl import SupraVL
+from picovlm.neighbours import INDEX_FILE, CaptionIndex, weights_fingerprint
 from picovlm.tokenizer import CaptionTokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
 GENERATION = "generation_config.json"  # a captioner's own decoding, when it has one
-CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, CARD, GENERATION)  # what the Hub gets and gives back
+# INDEX_FILE (neighbours.safetensors): a captioner's index of training captions, when it has one
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, CARD, GENERATION, INDEX_FILE)  # what the Hub gets and gives back
 SEED_KEYS = ("D_MODEL", "N_HEADS", "N_LAYERS", "D_FF", "VIS_CH", "N_VIS", "VOCAB_SIZE", "MAX_SEQ", "IMG_SIZE")
 
 
@@ -118,6 +120,9 @@ def save_pretrained(model: SupraVL | NanoVLM, out_dir: str | Path, metrics: dict
         (tmp / CARD).write_text(card)
         if getattr(model, "generation", None):
             (tmp / GENERATION).write_text(json.dumps(model.generation, indent=2) + "\n")
+        index = getattr(model, "neighbours", None)
+        if index is not None and index.fingerprint == weights_fingerprint(tmp / WEIGHTS):
+            (tmp / INDEX_FILE).write_bytes(index.to_bytes())  # kept only while it fits these weights
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return out_dir
@@ -173,7 +178,20 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu",
                         f"{cfg.lm_vocab_size}; the folder mixes files of different models")
     model.tokenizer = tokenizer
     model.generation = read_generation(path / GENERATION)
+    if (path / INDEX_FILE).is_file():
+        model.neighbours = read_index(path, cfg)
     return model.to(device).eval()
+
+
+def read_index(path: Path, cfg: VLMConfig) -> CaptionIndex:
+    """A checkpoint folder's caption index, checked against its weights and config."""
+    index = CaptionIndex.load(path / INDEX_FILE)
+    fix = f"rebuild it with 'picovlm index --model {path} --data PATH', or delete it"
+    if index.fingerprint != weights_fingerprint(path / WEIGHTS):
+        raise UserError(f"{path / INDEX_FILE} was built with other weights than {path / WEIGHTS}; {fix}")
+    if index.features.shape[1] != cfg.lm_hidden_dim or int(index.tokens.max()) >= cfg.lm_vocab_size:
+        raise UserError(f"{path / INDEX_FILE} does not match the model's width or vocabulary; {fix}")
+    return index
 
 
 def read_generation(path: Path) -> dict[str, Any]:

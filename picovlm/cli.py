@@ -56,6 +56,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mbr-temperature", type=float, default=None, metavar="T",
                    help="mbr: pick the beam with the highest expected BLEU-4 against the beams weighted by "
                         "softmax(log-prob / T), itself included (default: the beam most like the others)")
+    p.add_argument("--mbr-neighbours", type=int, default=None, metavar="K",
+                   help="mbr: pick the beam with the highest BLEU-4 against the captions of each of the K training "
+                        "images nearest in the model's visual features (needs its index: picovlm index)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -63,7 +66,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     return {"beam_width": args.beam_width, "length_penalty": args.length_penalty,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "seed": args.seed, "max_new_tokens": args.max_new_tokens, "mirror": args.mirror,
-            "center_crop": args.center_crop, "mbr_temperature": args.mbr_temperature}
+            "center_crop": args.center_crop, "mbr_temperature": args.mbr_temperature,
+            "mbr_neighbours": args.mbr_neighbours}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out")
     q.add_argument("--val-fraction", type=float, default=0.0, help="hold out this share as the validation split")
     q.add_argument("--source", default="custom", help="the `source` of every turn")
+
+    p = sub.add_parser("index", help="add the index of training captions that --mbr-neighbours reads to a "
+                                     "captioner's checkpoint folder (neighbours.safetensors)")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--data", required=True, help="dataset folder (Flickr8k layout)")
+    p.add_argument("--split", default="train", choices=["train", "dev", "test"])
 
     p = sub.add_parser("push-to-hub", help="upload a checkpoint folder to the Hugging Face Hub")
     p.add_argument("model")
@@ -410,6 +420,13 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"wrote {args.n_images} images with captions to {out}")
 
 
+def cmd_index(args: argparse.Namespace) -> None:
+    from picovlm.neighbours import add_index
+
+    path = add_index(args.model, args.data, args.split)
+    print(f"wrote {path}")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from picovlm.hub import push_to_hub
 
@@ -446,7 +463,7 @@ def cmd_measure_memory(args: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "scst": cmd_scst, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
             "serve": cmd_serve, "sweep": cmd_sweep, "info": cmd_info, "demo": cmd_demo, "data": cmd_data,
-            "push-to-hub": cmd_push, "measure-memory": cmd_measure_memory,
+            "push-to-hub": cmd_push, "index": cmd_index, "measure-memory": cmd_measure_memory,
             "eval-mc": cmd_eval_mc}
 
 

@@ -44,6 +44,7 @@ from PIL import Image
 from picovlm.data.images import load_image, normalize, resize_square, to_rgb
 from picovlm.errors import UserError
 from picovlm.models.supravl import SupraVL
+from picovlm.neighbours import INDEX_FILE, image_features
 
 STRATEGIES = ("greedy", "beam", "mbr", "sample", "topk", "topp")
 
@@ -66,6 +67,9 @@ class GenerationConfig:
     # mbr: None picks the beam most like the others (consensus); T > 0 the beam with the highest
     # expected BLEU-4 against a beam drawn with probability softmax(log-prob / T) (Kumar & Byrne 2004)
     mbr_temperature: float | None = None
+    # mbr: K > 0 scores each beam by its mean BLEU-4 against the captions of each of the K training images
+    # in the model's own visual features (its checkpoint's caption index, picovlm.neighbours)
+    mbr_neighbours: int | None = None
 
     @classmethod
     def from_dict(cls, settings: Any, source: str) -> GenerationConfig:
@@ -100,6 +104,14 @@ class GenerationConfig:
                 # Refused rather than ignored: a weighting that silently does nothing reads as a result.
                 raise UserError(f"the mbr temperature (--mbr-temperature) weighs mbr's beams; strategy "
                                 f"{self.strategy!r} has none: add --strategy mbr or leave the temperature out")
+        if self.mbr_neighbours is not None:
+            if self.mbr_neighbours < 1 or self.strategy != "mbr":
+                raise UserError(f"--mbr-neighbours K scores mbr's beams against the captions of K >= 1 training "
+                                f"images; got K = {self.mbr_neighbours} with strategy {self.strategy!r}: use "
+                                f"--strategy mbr and K >= 1, or leave it out")
+            if self.mbr_temperature is not None:
+                raise UserError("mbr scores its beams against each other (--mbr-temperature) or against the "
+                                "neighbours' captions (--mbr-neighbours), not both: leave one out")
 
     @property
     def n_views(self) -> int:
@@ -211,23 +223,35 @@ def generate_from_visual(model: SupraVL, visual: torch.Tensor, gen: GenerationCo
                              f"of {gen.n_views}, got {visual.shape[0]}")
         start = start[:visual.shape[0] // gen.n_views]
         session = _ViewsSession(session, n_views=gen.n_views, n_rows=start.shape[0])
-    return decode(session, start, gen, model.cfg.eos_token_id, _max_steps(model, gen))
+    evidence = None
+    if gen.mbr_neighbours is not None:
+        if model.neighbours is None:
+            raise UserError(f"--mbr-neighbours needs the model's caption index ({INDEX_FILE} in its folder), and "
+                            f"this model has none: build it with 'picovlm index --model DIR --data PATH'")
+        first_view = visual[:start.shape[0]]  # (B, P, D): the images as they are
+        evidence = model.neighbours.nearest_captions(image_features(first_view), gen.mbr_neighbours)
+    return decode(session, start, gen, model.cfg.eos_token_id, _max_steps(model, gen), evidence)
 
 
 def decode(session: DecodingSession, start: torch.Tensor, gen: GenerationConfig, eos: int,
-           n_steps: int) -> list[list[int]]:
+           n_steps: int, evidence: list[list[list[list[int]]]] | None = None) -> list[list[int]]:
     """Run a strategy for up to n_steps new tokens; start (B, 1) is the token before them.
-    Returns the new tokens of each row, cut before its first <eos>."""
+    Returns the new tokens of each row, cut before its first <eos>. For mbr, `evidence` replaces
+    the beams as what each beam is scored against: for each row, reference sets (the captions of
+    each of its nearest training images), weighed alike."""
     if gen.strategy in ("beam", "mbr"):
         seqs, log_probs = _beam_search(session, start, gen, eos, n_steps)  # (B, W, 1 + t), (B, W)
         rows_of_images = seqs[:, :, 1:].tolist()  # best first
         if gen.strategy == "beam":
             return [_cut(rows[0], eos) for rows in rows_of_images]
         beams = [[_cut(row, eos) for row in rows] for rows in rows_of_images]
+        if evidence is not None:  # each image's K neighbours, weighed alike
+            return [_most_expected_bleu(rows, ref_sets, [1 / len(ref_sets)] * len(ref_sets))
+                    for rows, ref_sets in zip(beams, evidence)]
         if gen.mbr_temperature is None:
             return [_consensus(rows) for rows in beams]
         weights = (log_probs.float() / gen.mbr_temperature).softmax(dim=-1).tolist()
-        return [_most_expected_bleu(rows, w) for rows, w in zip(beams, weights)]
+        return [_most_expected_bleu(rows, [[row] for row in rows], w) for rows, w in zip(beams, weights)]
     return [_cut(row, eos) for row in _sample(session, start, gen, eos, n_steps)[:, 1:].tolist()]
 
 
@@ -271,10 +295,12 @@ def _consensus(candidates: list[list[int]]) -> list[int]:
     return candidates[max(range(len(candidates)), key=agreement.__getitem__)]
 
 
-def _most_expected_bleu(candidates: list[list[int]], weights: list[float]) -> list[int]:
-    """The candidate with the highest expected BLEU-4 against a candidate drawn by `weights`
-    (itself included: BLEU 1); the higher-ranked on a tie."""
-    expected = [sum(w * sentence_bleu(c, [other]) for other, w in zip(candidates, weights)) for c in candidates]
+def _most_expected_bleu(candidates: list[list[int]], evidence: list[list[list[int]]],
+                       weights: list[float]) -> list[int]:
+    """The candidate with the highest expected BLEU-4 against a set of references drawn from
+    `evidence` by `weights` (each candidate alone, itself scoring BLEU 1; or each neighbour's
+    captions); the higher-ranked on a tie."""
+    expected = [sum(w * sentence_bleu(c, refs) for refs, w in zip(evidence, weights)) for c in candidates]
     return candidates[max(range(len(candidates)), key=expected.__getitem__)]
 
 

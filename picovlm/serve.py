@@ -6,7 +6,8 @@
                     a request without a strategy gets (the checkpoint's own, else beam-3)}
     POST /caption   body: the image bytes (Content-Type image/*); query: strategy, beam_width,
                     mirror (1: decode from the image and its mirror), center_crop (0.8: and the
-                    middle 80 % of each, enlarged), ...; no strategy: the
+                    middle 80 % of each, enlarged), mbr_neighbours (30: the beam that best fits
+                    the 30 nearest training images' captions; needs the checkpoint's index), ...; no strategy: the
                     checkpoint's own decoding, as for `picovlm caption`
                     -> {"caption": ..., "strategy": ..., "seconds": ...}
     POST /explain   the same -> {"caption": ..., "words": [{"word", "heatmap" (PNG data URL),
@@ -44,7 +45,7 @@ from picovlm.models.supravl import SupraVL
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 _NUMERIC = {"beam_width": int, "top_k": int, "max_new_tokens": int, "seed": int,
             "top_p": float, "temperature": float, "length_penalty": float, "center_crop": float,
-            "mbr_temperature": float}
+            "mbr_temperature": float, "mbr_neighbours": int}
 _SWITCHES = {"mirror": {"1": True, "true": True, "0": False, "false": False}}
 
 

@@ -507,6 +507,14 @@ def train(cfg: VLMConfig, tc: TrainConfig, out_dir: str | Path, data_dir: str | 
         summary["scst"] = self_critical(out / "best", data_dir, out / "scst", tc, resume=resume and scst_last.exists(),
                                         device=device, progress_bar=progress_bar)
         summary["best"] = summary["scst"]["best"]
+    if tc.generation.get("mbr_neighbours") and dist_info.is_main:
+        # The stored decoding reads an index of the training captions (picovlm.neighbours): build
+        # one for each checkpoint, whose own weights compute its features.
+        from picovlm.neighbours import add_index
+
+        data_path = json.loads((out / "train_config.json").read_text())["data"]
+        for folder in dict.fromkeys((summary["best"], summary["last"])):
+            add_index(folder, data_path)
     return summary
 
 
@@ -528,6 +536,9 @@ def _train(cfg: VLMConfig, tc: TrainConfig, out: Path, data_dir: str | Path | No
     if tc.generation and cfg.family == "nanovlm":
         raise UserError("a stored decoding (the train config's generation) is for captioners; drop it for a NanoVLM")
     GenerationConfig.from_dict(tc.generation, "the train config's generation settings")
+    if tc.generation.get("mbr_neighbours") and is_stream(data_dir):
+        raise UserError("a stored --mbr-neighbours decoding needs an index of the training captions, built "
+                        "from a caption folder; drop it from the decoding for streamed data")
     if tc.word_loss and (cfg.family == "nanovlm" or is_stream(data_dir)):
         raise UserError("--word-loss needs a captioner trained on a caption folder (each image's reference "
                         "captions in memory); drop it for this model or data")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from picovlm.data.flickr8k import load_split
+from picovlm.neighbours import add_index
 
 ROOT = Path(__file__).parent.parent
 
@@ -31,6 +33,14 @@ def test_mbr_cost(trained_run: Path, shapes_dir: Path) -> None:
     assert report["images"] == 4 and report["beam_width"] == 3 and report["mbr_temperature"] == 2.0
     assert report["mirror"] is True
     assert report["beam_s_median"] > 0 and report["mbr_over_beam"] > 0 and 0 <= report["picked_another_beam"] <= 1
+
+
+def test_mbr_cost_with_neighbours(trained_run: Path, shapes_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(trained_run / "best", tmp_path / "m")
+    add_index(tmp_path / "m", shapes_dir)
+    report = _run("benchmarks.mbr_cost", "--model", str(tmp_path / "m"), "--data", str(shapes_dir),
+                  "--images", "4", "--width", "3", "--rounds", "1", "--mbr-neighbours", "5")
+    assert report["mbr_neighbours"] == 5 and report["mbr_temperature"] is None and report["mbr_over_beam"] > 0
 
 
 def test_views_cost(trained_run: Path, shapes_dir: Path) -> None:

@@ -158,7 +158,7 @@ def test_push_to_hub_uploads_the_checkpoint_files(tmp_path: Path, trained_run: P
     url = hub.push_to_hub(trained_run / "best", "me/tiny", private=True)
     assert url.endswith("me/tiny") and calls["create"] == ("me/tiny", True, True)
     assert calls["upload"][2] == ["README.md", "config.json", "generation_config.json", "model.safetensors",
-                                  "tokenizer.json"]  # a checkpoint's own decoding travels with it
+                                  "neighbours.safetensors", "tokenizer.json"]  # its decoding and index go too
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no model.safetensors"):
         hub.push_to_hub(tmp_path / "empty", "me/empty")

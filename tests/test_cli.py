@@ -97,7 +97,7 @@ def test_caption_cli_mbr_temperature_weighs_the_beams(trained_run: Path, shapes_
     dev = load_split(shapes_dir, "dev")
     image = str(dev.image_dir / dev.names[1])
     weights, pick = [], generation._most_expected_bleu
-    monkeypatch.setattr(generation, "_most_expected_bleu", lambda c, w: weights.append(w) or pick(c, w))
+    monkeypatch.setattr(generation, "_most_expected_bleu", lambda c, e, w: weights.append(w) or pick(c, e, w))
     args = ["caption", image, "--model", str(trained_run / "best"), "--strategy", "mbr", "--beam-width", "4"]
     assert main(args + ["--json"]) == 0 and weights == []  # without the flag: the consensus rule
     capsys.readouterr()

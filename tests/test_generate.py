@@ -151,9 +151,11 @@ def test_expected_bleu_mbr_weighs_the_beams_by_their_probability() -> None:
         gen = GenerationConfig(strategy="mbr", beam_width=3, mbr_temperature=temperature)
         assert decode(MarkovSession(log_probs, start), start, gen, eos, 10) == [expected]
     # itself counted with BLEU 1: a candidate nobody else resembles can still win on its own weight
-    assert _most_expected_bleu([[1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 8]], [0.6, 0.2, 0.2]) == [1, 2, 3]
-    assert _most_expected_bleu([[1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 8]], [0.4, 0.3, 0.3]) == [4, 5, 6, 7]
-    assert _most_expected_bleu([[1, 2], [3, 4]], [0.5, 0.5]) == [1, 2]  # a tie keeps the more probable beam
+    three = [[1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 8]]
+    alone = [[c] for c in three]  # each candidate, alone, as references
+    assert _most_expected_bleu(three, alone, [0.6, 0.2, 0.2]) == [1, 2, 3]
+    assert _most_expected_bleu(three, alone, [0.4, 0.3, 0.3]) == [4, 5, 6, 7]
+    assert _most_expected_bleu([[1, 2], [3, 4]], [[[1, 2]], [[3, 4]]], [0.5, 0.5]) == [1, 2]  # a tie: the first
 
 
 def test_mbr_of_one_beam_is_greedy(model_and_pixels) -> None:

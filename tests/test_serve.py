@@ -18,14 +18,19 @@ import pytest
 
 import picovlm
 from picovlm.data.flickr8k import load_split
+from picovlm.data.images import load_image
 from picovlm.errors import UserError
 from picovlm.generate import STRATEGIES, GenerationConfig
+from picovlm.neighbours import add_index
 from picovlm.serve import CaptionService, make_server
 
 
 @pytest.fixture(scope="module")
-def server(trained_run: Path):
-    model = picovlm.load(str(trained_run / "best"))
+def server(trained_run: Path, shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("served") / "best"
+    shutil.copytree(trained_run / "best", folder)
+    add_index(folder, shapes_dir)  # so that every decoding the page offers runs, --mbr-neighbours too
+    model = picovlm.load(str(folder))
     srv = make_server(model, "tiny-test-model", port=0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -89,12 +94,20 @@ def test_a_request_without_a_strategy_gets_the_checkpoints_own_decoding(trained_
     ("strategy=mbr&beam_width=8&mirror=true", {"strategy": "mbr", "beam_width": 8, "mirror": True}),
     ("strategy=mbr&beam_width=8&mbr_temperature=4", {"strategy": "mbr", "beam_width": 8, "mbr_temperature": 4.0}),
     ("strategy=beam&mirror=1&center_crop=0.75", {"strategy": "beam", "mirror": True, "center_crop": 0.75}),
+    ("strategy=mbr&beam_width=4&mbr_neighbours=3", {"strategy": "mbr", "beam_width": 4, "mbr_neighbours": 3}),
 ])
 def test_caption_matches_the_python_api(server, shapes_dir: Path, query: str, kwargs: dict) -> None:
     base, model = server
     image = _image(shapes_dir)
     status, result = _post(f"{base}/caption?{query}", image.read_bytes())
     assert status == 200 and result["caption"] == model.caption([image], **kwargs)[0]
+
+
+def test_neighbours_without_an_index_are_a_user_error(trained_run: Path, shapes_dir: Path) -> None:
+    service = CaptionService(picovlm.load(str(trained_run / "best")), "m")  # no neighbours.safetensors
+    with pytest.raises(UserError, match="picovlm index"):  # a 400 over HTTP
+        service.caption(load_image(_image(shapes_dir)), service.options(
+            {"strategy": ["mbr"], "mbr_neighbours": ["30"]}))
 
 
 def test_explain_returns_words_with_maps(server, shapes_dir: Path) -> None:

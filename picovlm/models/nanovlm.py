@@ -151,6 +151,8 @@ class NanoVLM(nn.Module):
         if gen.n_views > 1:
             raise ValueError("mirror and centre-crop decoding are for SupraVL captioners; a NanoVLM prompt may "
                              "name left and right, or what lies at the edges")
+        if gen.mbr_neighbours is not None:
+            raise ValueError("--mbr-neighbours reads a captioner's index of training captions; a NanoVLM has none")
         self.eval()
         room = self.cfg.lm_max_position_embeddings - input_ids.shape[1]
         n_steps = max(0, min(gen.max_new_tokens or 64, room))

@@ -43,6 +43,7 @@ from picovlm.models.mobilenet_v2 import MobileNetV2Encoder
 from picovlm.models.vision_cnn import CNNEncoder
 
 if TYPE_CHECKING:
+    from picovlm.neighbours import CaptionIndex
     from picovlm.tokenizer import CaptionTokenizer
 
 IGNORE_INDEX = -100  # target value for positions that carry no loss (padding)
@@ -75,6 +76,9 @@ class SupraVL(nn.Module):
         # The decoding this model's captions default to (GenerationConfig fields), saved as the
         # checkpoint's generation_config.json; empty: GenerationConfig's defaults (beam, width 3).
         self.generation: dict[str, Any] = {}
+        # The training images' features and captions that --mbr-neighbours reads (picovlm.neighbours),
+        # kept beside the weights as neighbours.safetensors; None: the checkpoint has no index.
+        self.neighbours: CaptionIndex | None = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

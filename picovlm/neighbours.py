@@ -1,0 +1,142 @@
+"""Caption neighbours: the training captions of the images a captioner sees as most alike.
+
+A captioner trained from scratch on a few thousand images writes better than it sees: its beams
+are fluent, agree with each other (so a vote among them, mbr, changes little) and often fit the
+picture loosely. The training set can vote instead. Images that the model's own encoder places
+close to a new one were often described in the words the new one's references use, so
+`--mbr-neighbours K` keeps, of an image's W beams, the one that would score best as a caption of
+its K nearest training images: the highest BLEU-4 against each neighbour's captions as
+references, averaged over the K (consensus reranking, Devlin et al. 2015, "Exploring Nearest
+Neighbor Approaches for Image Captioning"). The model still writes every caption; the training
+captions only choose among its beams.
+
+The index is data the checkpoint carries, not parameters: for each training image, the unit-length
+mean of its visual tokens, and its captions as token ids. It sits beside the weights as
+neighbours.safetensors:
+
+    features  (N, D)  float16  each training image's mean visual token, unit length
+    tokens    (M, L)  int32    each training caption's token ids (no <bos>/<eos>), padded with -1
+    image_of  (M,)    int64    the row of `features` each caption describes
+
+The features come from one set of weights, so the file records a fingerprint of the weights file
+it was built with, and loading refuses an index beside other weights (last/'s in best/, say)
+rather than rank by features the model would not compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from picovlm.data.flickr8k import load_split
+from picovlm.data.images import cached_images, normalize
+from picovlm.errors import UserError
+from picovlm.io import atomic_write, find_complete_dir
+from picovlm.models.supravl import SupraVL
+
+INDEX_FILE = "neighbours.safetensors"
+PAD = -1
+
+
+def weights_fingerprint(weights_file: Path) -> str:
+    """sha256 of a weights file (16 hex digits): which weights an index was built with."""
+    return hashlib.sha256(Path(weights_file).read_bytes()).hexdigest()[:16]
+
+
+def image_features(visual: torch.Tensor) -> torch.Tensor:
+    """visual tokens (B, P, D) -> (B, D): their mean, unit length (cosine similarity by dot product)."""
+    return F.normalize(visual.float().mean(dim=1), dim=-1)
+
+
+@dataclass
+class CaptionIndex:
+    features: torch.Tensor  # (N, D) float16, unit length
+    tokens: torch.Tensor  # (M, L) int32, PAD after each caption
+    image_of: torch.Tensor  # (M,) int64
+    fingerprint: str  # weights_fingerprint() of the model that computed `features`
+
+    def __post_init__(self) -> None:
+        self._captions_of: list[list[list[int]]] = [[] for _ in range(len(self.features))]
+        for row, image in zip(self.tokens.tolist(), self.image_of.tolist()):
+            self._captions_of[image].append([t for t in row if t != PAD])
+
+    def nearest_captions(self, features: torch.Tensor, k: int) -> list[list[list[list[int]]]]:
+        """features (B, D) unit length -> for each row, its k nearest images' captions, one list per image."""
+        similarity = features.float() @ self.features.float().T  # (B, N): cosine similarity
+        nearest = similarity.topk(min(k, similarity.shape[1]), dim=-1).indices.tolist()  # (B, k), nearest first
+        return [[self._captions_of[image] for image in row] for row in nearest]
+
+    def to_bytes(self) -> bytes:
+        """The index as a safetensors file's bytes."""
+        return save({"features": self.features, "tokens": self.tokens, "image_of": self.image_of},
+                    metadata={"fingerprint": self.fingerprint})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CaptionIndex:
+        """Read and check an index file; anything malformed is a UserError naming the file."""
+        fix = "rebuild it with 'picovlm index --model DIR --data PATH', or delete it"
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                fingerprint = (f.metadata() or {}).get("fingerprint", "")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} is not a readable caption index ({e}); {fix}") from None
+        features, tokens, image_of = (tensors.get(name) for name in ("features", "tokens", "image_of"))
+        if (features is None or tokens is None or image_of is None or features.ndim != 2 or tokens.ndim != 2
+                or image_of.shape != tokens.shape[:1] or not fingerprint or len(features) == 0
+                or (len(image_of) and not 0 <= int(image_of.min()) <= int(image_of.max()) < len(features))):
+            raise UserError(f"{path} does not hold a caption index (features, tokens, image_of and the "
+                            f"weights' fingerprint); {fix}")
+        return cls(features, tokens, image_of, fingerprint)
+
+
+def add_index(model_dir: str | Path, data_dir: str | Path, split: str = "train") -> Path:
+    """Build the index of a captioner checkpoint folder's model over a dataset split and write it
+    into the folder (atomically) as neighbours.safetensors; returns its path. `picovlm index`."""
+    from picovlm.checkpoint import WEIGHTS, from_pretrained  # (checkpoint loads indexes: imports this module)
+
+    folder = find_complete_dir(model_dir)
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {model_dir}; pass a folder written by 'picovlm train'")
+    model = from_pretrained(folder)
+    if not isinstance(model, SupraVL):
+        raise UserError(f"{folder} holds a NanoVLM; a caption index is for captioners (SupraVL checkpoints)")
+    index = build_index(model, data_dir, split, fingerprint=weights_fingerprint(folder / WEIGHTS))
+    with atomic_write(folder / INDEX_FILE) as f:
+        f.write(index.to_bytes())
+    return folder / INDEX_FILE
+
+
+@torch.inference_mode()
+def build_index(model: SupraVL, data_dir: str | Path, split: str = "train", fingerprint: str = "",
+                batch_size: int = 256, cache_dir: Path | None = None) -> CaptionIndex:
+    """Encode every image of a split with the model and keep its captions: the index its
+    `--mbr-neighbours` decoding reads. `fingerprint`: weights_fingerprint() of the file the model's
+    weights came from (add_index passes it)."""
+    if model.tokenizer is None:
+        raise ValueError("model has no tokenizer attached; load it with picovlm.load")
+    model.eval()
+    data = load_split(data_dir, split)
+    pixels_u8, readable = cached_images(data.image_dir, data.names, model.cfg.img_size, cache_dir)  # (N, S, S, 3)
+    kept = np.flatnonzero(readable)  # unreadable files were skipped with a warning
+    device = next(model.parameters()).device
+    features = []
+    for start in range(0, len(kept), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(pixels_u8[kept[start:start + batch_size]]))
+        pixels = normalize(batch, model.cfg.img_mean, model.cfg.img_std).to(device)
+        features.append(image_features(model.encode_images(pixels)).cpu())
+    rows = [(image, model.tokenizer.encode(caption)[1:-1]) for image, i in enumerate(kept)
+            for caption in data.captions[i]]
+    length = max(len(ids) for _, ids in rows)
+    tokens = torch.full((len(rows), length), PAD, dtype=torch.int32)
+    for i, (_, ids) in enumerate(rows):
+        tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    image_of = torch.tensor([image for image, _ in rows], dtype=torch.int64)
+    return CaptionIndex(torch.cat(features).half(), tokens, image_of, fingerprint)
