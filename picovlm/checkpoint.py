@@ -149,7 +149,7 @@ def resolve_model_dir(dir_or_repo: str | Path) -> Path:
 
 
 def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> SupraVL | NanoVLM:
+                    dtype: torch.dtype | None = None, read_neighbours: bool = True) -> SupraVL | NanoVLM:
     """Load a checkpoint folder or Hub repo; the tokenizer is attached as `model.tokenizer`.
 
     The weights file holds every tensor, a frozen pretrained backbone's included, so loading
@@ -178,7 +178,7 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu",
                         f"{cfg.lm_vocab_size}; the folder mixes files of different models")
     model.tokenizer = tokenizer
     model.generation = read_generation(path / GENERATION)
-    if (path / INDEX_FILE).is_file():
+    if read_neighbours and (path / INDEX_FILE).is_file():  # (off: to rebuild a stale or broken one)
         model.neighbours = read_index(path, cfg)
     return model.to(device).eval()
 

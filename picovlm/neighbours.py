@@ -14,9 +14,13 @@ The index is data the checkpoint carries, not parameters: for each training imag
 mean of its visual tokens, and its captions as token ids. It sits beside the weights as
 neighbours.safetensors:
 
-    features  (N, D)  float16  each training image's mean visual token, unit length
-    tokens    (M, L)  int32    each training caption's token ids (no <bos>/<eos>), padded with -1
-    image_of  (M,)    int64    the row of `features` each caption describes
+    features  (N, D)  float32  each training image's mean visual token, unit length
+    tokens    (T,)    int32    the M training captions' token ids (no <bos>/<eos>), one after another
+    lengths   (M,)    int32    how many of `tokens` each caption takes, in order
+    image_of  (M,)    int32    the row of `features` each caption describes
+
+Features stay float32: in float16 the order of neighbours whose similarities differ in the fourth
+digit changes, which cost a checkpoint 0.24 BLEU-4 (docs/ablations.md, sixteenth round).
 
 The features come from one set of weights, so the file records a fingerprint of the weights file
 it was built with, and loading refuses an index beside other weights (last/'s in best/, say)
@@ -42,7 +46,6 @@ from picovlm.io import atomic_write, find_complete_dir
 from picovlm.models.supravl import SupraVL
 
 INDEX_FILE = "neighbours.safetensors"
-PAD = -1
 
 
 def weights_fingerprint(weights_file: Path) -> str:
@@ -57,15 +60,17 @@ def image_features(visual: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CaptionIndex:
-    features: torch.Tensor  # (N, D) float16, unit length
-    tokens: torch.Tensor  # (M, L) int32, PAD after each caption
-    image_of: torch.Tensor  # (M,) int64
-    fingerprint: str  # weights_fingerprint() of the model that computed `features`
+    features: torch.Tensor  # (N, D) float32, unit length
+    tokens: torch.Tensor  # (T,) int32, the captions one after another
+    lengths: torch.Tensor  # (M,) int32
+    image_of: torch.Tensor  # (M,) int32
+    fingerprint: str  # weights_fingerprint() of the weights file that computed `features`
 
     def __post_init__(self) -> None:
         self._captions_of: list[list[list[int]]] = [[] for _ in range(len(self.features))]
-        for row, image in zip(self.tokens.tolist(), self.image_of.tolist()):
-            self._captions_of[image].append([t for t in row if t != PAD])
+        captions = self.tokens.split(self.lengths.tolist())
+        for caption, image in zip(captions, self.image_of.tolist()):
+            self._captions_of[image].append(caption.tolist())
 
     def nearest_captions(self, features: torch.Tensor, k: int) -> list[list[list[list[int]]]]:
         """features (B, D) unit length -> for each row, its k nearest images' captions, one list per image."""
@@ -75,8 +80,8 @@ class CaptionIndex:
 
     def to_bytes(self) -> bytes:
         """The index as a safetensors file's bytes."""
-        return save({"features": self.features, "tokens": self.tokens, "image_of": self.image_of},
-                    metadata={"fingerprint": self.fingerprint})
+        return save({"features": self.features, "tokens": self.tokens, "lengths": self.lengths,
+                     "image_of": self.image_of}, metadata={"fingerprint": self.fingerprint})
 
     @classmethod
     def load(cls, path: str | Path) -> CaptionIndex:
@@ -88,13 +93,20 @@ class CaptionIndex:
                 fingerprint = (f.metadata() or {}).get("fingerprint", "")
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable caption index ({e}); {fix}") from None
-        features, tokens, image_of = (tensors.get(name) for name in ("features", "tokens", "image_of"))
-        if (features is None or tokens is None or image_of is None or features.ndim != 2 or tokens.ndim != 2
-                or image_of.shape != tokens.shape[:1] or not fingerprint or len(features) == 0
-                or (len(image_of) and not 0 <= int(image_of.min()) <= int(image_of.max()) < len(features))):
-            raise UserError(f"{path} does not hold a caption index (features, tokens, image_of and the "
-                            f"weights' fingerprint); {fix}")
-        return cls(features, tokens, image_of, fingerprint)
+        parts = [tensors.get(name) for name in ("features", "tokens", "lengths", "image_of")]
+        if any(part is None for part in parts) or not fingerprint or not _consistent(*parts):
+            raise UserError(f"{path} does not hold a caption index (features, tokens, lengths, image_of and "
+                            f"the weights' fingerprint); {fix}")
+        return cls(*parts, fingerprint)
+
+
+def _consistent(features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, image_of: torch.Tensor) -> bool:
+    """Whether the four tensors of an index file fit together (shapes, lengths, image rows)."""
+    if features.ndim != 2 or len(features) == 0 or tokens.ndim != 1 or lengths.ndim != 1 or image_of.ndim != 1:
+        return False
+    if len(lengths) != len(image_of) or (len(lengths) and int(lengths.min()) < 0) or int(lengths.sum()) != len(tokens):
+        return False
+    return not len(image_of) or 0 <= int(image_of.min()) <= int(image_of.max()) < len(features)
 
 
 def add_index(model_dir: str | Path, data_dir: str | Path, split: str = "train") -> Path:
@@ -105,7 +117,7 @@ def add_index(model_dir: str | Path, data_dir: str | Path, split: str = "train")
     folder = find_complete_dir(model_dir)
     if not folder.is_dir():
         raise UserError(f"model folder not found: {model_dir}; pass a folder written by 'picovlm train'")
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, read_neighbours=False)  # the index it may have is what gets replaced
     if not isinstance(model, SupraVL):
         raise UserError(f"{folder} holds a NanoVLM; a caption index is for captioners (SupraVL checkpoints)")
     index = build_index(model, data_dir, split, fingerprint=weights_fingerprint(folder / WEIGHTS))
@@ -134,9 +146,7 @@ def build_index(model: SupraVL, data_dir: str | Path, split: str = "train", fing
         features.append(image_features(model.encode_images(pixels)).cpu())
     rows = [(image, model.tokenizer.encode(caption)[1:-1]) for image, i in enumerate(kept)
             for caption in data.captions[i]]
-    length = max(len(ids) for _, ids in rows)
-    tokens = torch.full((len(rows), length), PAD, dtype=torch.int32)
-    for i, (_, ids) in enumerate(rows):
-        tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
-    image_of = torch.tensor([image for image, _ in rows], dtype=torch.int64)
-    return CaptionIndex(torch.cat(features).half(), tokens, image_of, fingerprint)
+    tokens = torch.tensor([t for _, ids in rows for t in ids], dtype=torch.int32)
+    lengths = torch.tensor([len(ids) for _, ids in rows], dtype=torch.int32)
+    image_of = torch.tensor([image for image, _ in rows], dtype=torch.int32)
+    return CaptionIndex(torch.cat(features), tokens, lengths, image_of, fingerprint)

@@ -99,30 +99,38 @@ def test_saving_keeps_the_index_while_it_fits_the_weights(indexed: Path, tmp_pat
     assert not (tmp_path / "changed" / INDEX_FILE).exists()
 
 
-def test_an_index_beside_other_weights_is_refused(trained_run: Path, indexed: Path, tmp_path: Path) -> None:
+def test_an_index_beside_other_weights_is_refused_until_rebuilt(trained_run: Path, shapes_dir: Path, indexed: Path,
+                                                                tmp_path: Path) -> None:
     folder = tmp_path / "last"
     shutil.copytree(trained_run / "last", folder)
     shutil.copy(indexed / INDEX_FILE, folder / INDEX_FILE)  # built with best/'s weights
     with pytest.raises(UserError, match="built with other weights .*picovlm index"):
         picovlm.load(str(folder))
+    add_index(folder, shapes_dir)  # what the message says to do: the stale index is replaced
+    assert picovlm.load(str(folder)).neighbours is not None
 
 
 @pytest.mark.parametrize("content", [b"not a safetensors file", b""])
-def test_a_malformed_index_is_a_clear_error(indexed: Path, tmp_path: Path, content: bytes) -> None:
+def test_a_malformed_index_is_a_clear_error_until_rebuilt(indexed: Path, shapes_dir: Path, tmp_path: Path,
+                                                          content: bytes) -> None:
     folder = tmp_path / "m"
     shutil.copytree(indexed, folder)
     (folder / INDEX_FILE).write_bytes(content)
     with pytest.raises(UserError, match="not a readable caption index"):
         picovlm.load(str(folder))
+    add_index(folder, shapes_dir)
+    assert picovlm.load(str(folder)).neighbours is not None
 
 
 def test_an_index_without_its_parts_is_refused(indexed: Path, tmp_path: Path) -> None:
     index = CaptionIndex.load(indexed / INDEX_FILE)
+    parts = {"features": index.features, "tokens": index.tokens, "lengths": index.lengths, "image_of": index.image_of}
     fingerprint = {"fingerprint": index.fingerprint}
-    broken = [  # captions of images the index does not hold; no captions at all; no fingerprint
-        ({"features": index.features, "tokens": index.tokens, "image_of": index.image_of + 10**6}, fingerprint),
-        ({"features": index.features, "image_of": index.image_of}, fingerprint),
-        ({"features": index.features, "tokens": index.tokens, "image_of": index.image_of}, None),
+    broken = [  # captions of images the index does not hold; lengths that do not add up; no captions; no fingerprint
+        ({**parts, "image_of": index.image_of + 10**6}, fingerprint),
+        ({**parts, "lengths": index.lengths + 1}, fingerprint),
+        ({k: v for k, v in parts.items() if k != "tokens"}, fingerprint),
+        (parts, None),
     ]
     for tensors, metadata in broken:
         save_file(tensors, str(tmp_path / INDEX_FILE), metadata=metadata)

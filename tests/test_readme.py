@@ -39,8 +39,10 @@ def test_python_snippets_run(tmp_path: Path, trained_run: Path, shapes_dir: Path
     image = str(next((shapes_dir / "Images").iterdir()))
     use, train = _blocks("python")
     use = use.replace("runs/demo/best", str(trained_run / "best")).replace("photo.jpg", image)
+    use = use.replace("/path/to/data", str(shapes_dir))
     exec(compile(use, "README-use", "exec"), {})
     assert (tmp_path / "export" / "my-model" / "model.safetensors").is_file()
+    assert (tmp_path / "export" / "my-model" / "neighbours.safetensors").is_file()
     train = train.replace("/path/to/flickr8k", str(shapes_dir)).replace("TrainConfig(epochs=15)",
                                                                           "TrainConfig(epochs=15, max_steps=2)")
     scope: dict = {}
