@@ -189,7 +189,8 @@ def read_index(path: Path, cfg: VLMConfig) -> CaptionIndex:
     fix = f"rebuild it with 'picovlm index --model {path} --data PATH', or delete it"
     if index.fingerprint != weights_fingerprint(path / WEIGHTS):
         raise UserError(f"{path / INDEX_FILE} was built with other weights than {path / WEIGHTS}; {fix}")
-    if index.features.shape[1] != cfg.lm_hidden_dim or int(index.tokens.max()) >= cfg.lm_vocab_size:
+    too_large = len(index.tokens) and int(index.tokens.max()) >= cfg.lm_vocab_size  # token ids the model lacks
+    if index.features.shape[1] != cfg.lm_hidden_dim or too_large:
         raise UserError(f"{path / INDEX_FILE} does not match the model's width or vocabulary; {fix}")
     return index
 

@@ -17,7 +17,9 @@ log-probabilities, a finished beam kept as one candidate, stop once every beam h
 "mbr" (minimum Bayes risk) runs the same beam search and then, of each image's W final beams,
 keeps the one the others agree with most: the highest sentence BLEU-4 against the other beams
 as its references, on token ids. The most probable caption is often not the one with most
-in common with the other likely captions; the metrics reward the second kind.
+in common with the other likely captions; the metrics reward the second kind. With
+`mbr_neighbours` K the beams are scored against the captions of the K training images that look
+most like the image to the model instead (picovlm.neighbours).
 
 Any strategy can also read each image in several views and rank the next tokens by the mean of
 the views' log-probabilities (test-time augmentation, views()): the image and its mirror (`mirror`),
@@ -68,7 +70,7 @@ class GenerationConfig:
     # expected BLEU-4 against a beam drawn with probability softmax(log-prob / T) (Kumar & Byrne 2004)
     mbr_temperature: float | None = None
     # mbr: K > 0 scores each beam by its mean BLEU-4 against the captions of each of the K training images
-    # in the model's own visual features (its checkpoint's caption index, picovlm.neighbours)
+    # nearest to the image in the model's own visual features (the checkpoint's index, picovlm.neighbours)
     mbr_neighbours: int | None = None
 
     @classmethod
