@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from picovlm.data.flickr8k import load_split
 from picovlm.data.images import cached_images, normalize
@@ -88,8 +88,8 @@ class CaptionIndex:
         """Read and check an index file; anything malformed is a UserError naming the file."""
         fix = "rebuild it with 'picovlm index --model DIR --data PATH', or delete it"
         try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "pt") as f:  # tensors and metadata from one opening of the file
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
                 fingerprint = (f.metadata() or {}).get("fingerprint", "")
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a readable caption index ({e}); {fix}") from None
