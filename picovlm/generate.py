@@ -271,22 +271,41 @@ def sentence_bleu(candidate: list[int], references: list[list[int]]) -> float:
     counts clipped by their most frequent reference, brevity penalty from the reference of the
     closest length), with add-one smoothing of the 2- to 4-gram precisions (Lin & Och 2004), so
     that one sentence without a shared 4-gram does not score 0."""
-    if not candidate or not references:
-        return 0.0
-    log_precision = 0.0
-    for n in range(1, 5):
-        counts, most = Counter(ngrams(candidate, n)), Counter()
+    return BleuReferences(references).score(candidate)
+
+
+def _ngram_counts(tokens: Sequence) -> list[Counter]:
+    """[1-gram counts, ..., 4-gram counts] of a sequence."""
+    return [Counter(ngrams(tokens, n)) for n in range(1, 5)]
+
+
+class BleuReferences:
+    """A reference set prepared for sentence_bleu: each n-gram's largest count in any one
+    reference (what a candidate's count of it is clipped to) and the references' lengths.
+    mbr scores every beam against the same sets, so it prepares each set once."""
+
+    def __init__(self, references: list[list[int]]):
+        self.clip: list[Counter] = [Counter() for _ in range(4)]  # clip[n - 1]: n-gram -> largest count
         for ref in references:
-            most |= Counter(ngrams(ref, n))  # | keeps each n-gram's largest count
-        matched = sum(min(c, most[g]) for g, c in counts.items())
-        total = max(len(candidate) - n + 1, 0)
-        smooth = 0 if n == 1 else 1
-        if matched + smooth == 0:
+            for clip, counts in zip(self.clip, _ngram_counts(ref)):
+                clip |= counts  # | keeps each n-gram's largest count
+        self.lengths = [len(ref) for ref in references]
+
+    def score(self, candidate: list[int], counts: list[Counter] | None = None) -> float:
+        """sentence_bleu(candidate, the references); `counts`: _ngram_counts(candidate), if known."""
+        if not candidate or not self.lengths:
             return 0.0
-        log_precision += math.log((matched + smooth) / (total + smooth)) / 4
-    closest = min((len(r) for r in references), key=lambda length: (abs(length - len(candidate)), length))
-    brevity = min(0.0, 1.0 - closest / len(candidate))
-    return math.exp(brevity + log_precision)
+        log_precision = 0.0
+        for n, (clip, found) in enumerate(zip(self.clip, counts or _ngram_counts(candidate)), start=1):
+            matched = sum(min(c, clip.get(g, 0)) for g, c in found.items())
+            total = max(len(candidate) - n + 1, 0)
+            smooth = 0 if n == 1 else 1
+            if matched + smooth == 0:
+                return 0.0
+            log_precision += math.log((matched + smooth) / (total + smooth)) / 4
+        closest = min(self.lengths, key=lambda length: (abs(length - len(candidate)), length))
+        brevity = min(0.0, 1.0 - closest / len(candidate))
+        return math.exp(brevity + log_precision)
 
 
 def _consensus(candidates: list[list[int]]) -> list[int]:
@@ -302,7 +321,11 @@ def _most_expected_bleu(candidates: list[list[int]], evidence: list[list[list[in
     """The candidate with the highest expected BLEU-4 against a set of references drawn from
     `evidence` by `weights` (each candidate alone, itself scoring BLEU 1; or each neighbour's
     captions); the higher-ranked on a tie."""
-    expected = [sum(w * sentence_bleu(c, refs) for refs, w in zip(evidence, weights)) for c in candidates]
+    reference_sets = [BleuReferences(refs) for refs in evidence]  # each prepared once, for all candidates
+    expected = []
+    for candidate in candidates:
+        counts = _ngram_counts(candidate)
+        expected.append(sum(w * refs.score(candidate, counts) for refs, w in zip(reference_sets, weights)))
     return candidates[max(range(len(candidates)), key=expected.__getitem__)]
 
 

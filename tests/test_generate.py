@@ -15,10 +15,12 @@ import picovlm
 from picovlm.data.flickr8k import load_split
 from picovlm.errors import UserError
 from picovlm.generate import (
+    BleuReferences,
     GenerationConfig,
     _beam_search,
     _consensus,
     _most_expected_bleu,
+    _ngram_counts,
     _PrefixSession,
     _ViewsSession,
     decode,
@@ -90,6 +92,26 @@ def test_sentence_bleu_on_hand_computed_cases() -> None:
     assert sentence_bleu([1, 2, 3], [[4, 5, 6]]) == 0.0
     assert sentence_bleu([], [[1]]) == 0.0
 
+
+
+def test_prepared_references_score_every_candidate_as_sentence_bleu_does() -> None:
+    # mbr prepares a reference set once and scores all beams against it: the prepared set must not
+    # change between candidates, and its scores must be sentence_bleu's, with or without the counts
+    rng = np.random.default_rng(0)
+    sentences = [rng.integers(1, 6, size=rng.integers(1, 9)).tolist() for _ in range(40)]
+    for start in range(0, 40, 5):
+        references = sentences[start:start + 3]
+        prepared = BleuReferences(references)
+        for candidate in sentences + [[]]:
+            expected = sentence_bleu(candidate, references)
+            assert prepared.score(candidate) == expected
+            assert prepared.score(candidate, _ngram_counts(candidate)) == expected
+    assert BleuReferences([]).score([1, 2]) == 0.0
+    # and the pick is the candidate with the highest weighted sum of those scores
+    candidates, evidence = sentences[:8], [sentences[i:i + 5] for i in range(8, 38, 5)]
+    weights = rng.random(len(evidence)).tolist()
+    expected_bleu = [sum(w * sentence_bleu(c, refs) for refs, w in zip(evidence, weights)) for c in candidates]
+    assert _most_expected_bleu(candidates, evidence, weights) == candidates[int(np.argmax(expected_bleu))]
 
 def test_mbr_keeps_the_candidate_the_others_agree_with() -> None:
     # the top beam shares nothing; the caption that appears twice agrees fully with its twin
