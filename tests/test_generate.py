@@ -93,7 +93,6 @@ def test_sentence_bleu_on_hand_computed_cases() -> None:
     assert sentence_bleu([], [[1]]) == 0.0
 
 
-
 def test_prepared_references_score_every_candidate_as_sentence_bleu_does() -> None:
     # mbr prepares a reference set once and scores all beams against it: the prepared set must not
     # change between candidates, and its scores must be sentence_bleu's, with or without the counts
@@ -112,6 +111,7 @@ def test_prepared_references_score_every_candidate_as_sentence_bleu_does() -> No
     weights = rng.random(len(evidence)).tolist()
     expected_bleu = [sum(w * sentence_bleu(c, refs) for refs, w in zip(evidence, weights)) for c in candidates]
     assert _most_expected_bleu(candidates, evidence, weights) == candidates[int(np.argmax(expected_bleu))]
+
 
 def test_mbr_keeps_the_candidate_the_others_agree_with() -> None:
     # the top beam shares nothing; the caption that appears twice agrees fully with its twin
