@@ -31,7 +31,7 @@ from picovlm.io import atomic_dir, check_state_dict, find_complete_dir
 from picovlm.models.mobilenet_v2 import FEATURE_CHANNELS
 from picovlm.models.nanovlm import NanoVLM
 from picovlm.models.supravl import SupraVL
-from picovlm.neighbours import INDEX_FILE, CaptionIndex, weights_fingerprint
+from picovlm.neighbours import INDEX_FILE, CaptionIndex, rebuild_hint, weights_fingerprint
 from picovlm.tokenizer import CaptionTokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, CARD = "model.safetensors", "config.json", "tokenizer.json", "README.md"
@@ -186,7 +186,7 @@ def from_pretrained(dir_or_repo: str | Path, device: str | torch.device = "cpu",
 def read_index(path: Path, cfg: VLMConfig) -> CaptionIndex:
     """A checkpoint folder's caption index, checked against its weights and config."""
     index = CaptionIndex.load(path / INDEX_FILE)
-    fix = f"rebuild it with 'picovlm index --model {path} --data PATH', or delete it"
+    fix = rebuild_hint(path)
     if index.fingerprint != weights_fingerprint(path / WEIGHTS):
         raise UserError(f"{path / INDEX_FILE} was built with other weights than {path / WEIGHTS}; {fix}")
     too_large = len(index.tokens) and int(index.tokens.max()) >= cfg.lm_vocab_size  # token ids the model lacks

@@ -53,6 +53,11 @@ def weights_fingerprint(weights_file: Path) -> str:
     return hashlib.sha256(Path(weights_file).read_bytes()).hexdigest()[:16]
 
 
+def rebuild_hint(folder: str | Path) -> str:
+    """What to do about a checkpoint folder's broken or stale index (the end of its error message)."""
+    return f"rebuild it with 'picovlm index --model {folder} --data PATH', or delete it"
+
+
 def image_features(visual: torch.Tensor) -> torch.Tensor:
     """visual tokens (B, P, D) -> (B, D): their mean, unit length (cosine similarity by dot product)."""
     return F.normalize(visual.float().mean(dim=1), dim=-1)
@@ -86,7 +91,7 @@ class CaptionIndex:
     @classmethod
     def load(cls, path: str | Path) -> CaptionIndex:
         """Read and check an index file; anything malformed is a UserError naming the file."""
-        fix = "rebuild it with 'picovlm index --model DIR --data PATH', or delete it"
+        fix = rebuild_hint(Path(path).parent)
         try:
             with safe_open(str(path), "pt") as f:  # tensors and metadata from one opening of the file
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
