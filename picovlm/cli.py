@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("compare", help="is B's score really higher than A's? paired bootstrap of two "
+                       "picovlm eval --out results of the same images")
+    p.add_argument("a", help="eval.json, or the folder picovlm eval --out wrote it to")
+    p.add_argument("b", help="the same for the other system")
+    p.add_argument("--resamples", type=int, default=1000, help="resamples of the images (default: 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("explain", help="per-word attention maps over the image, as a PNG strip")
     p.add_argument("image")
     p.add_argument("--model", required=True)
@@ -316,14 +324,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_captions(model, args.data, args.split, args.strategy, args.limit, **_generation_kwargs(args))
     if args.out:
         write_report(result, args.out)
-    summary = {k: result[k] for k in ("split", "strategy", "generation", "n_images", "metrics", "diversity")}
+    summary = {k: result[k] for k in ("split", "strategy", "generation", "n_images", "metrics", "intervals",
+                                      "diversity")}
     if args.json:
         print(json.dumps(summary, indent=2))
         return
     settings = ", ".join(f"{k} {v}" for k, v in result["generation"].items())
     print(f"{result['n_images']} {args.split} images, {result['strategy']} decoding ({settings})")
     print("  " + "  ".join(f"{k} {100 * v:.1f}" for k, v in result["metrics"].items()))
+    print("  95 % intervals over resampled images: "
+          + "  ".join(f"{k} {100 * lo:.1f}-{100 * hi:.1f}" for k, (lo, hi) in result["intervals"].items()))
     print("  " + "  ".join(f"{k} {v:.3g}" for k, v in result["diversity"].items()))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from picovlm.significance import compare_evals
+
+    if args.resamples < 1:
+        raise UserError("--resamples must be at least 1")
+    result = compare_evals(args.a, args.b, args.resamples, args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"B ({args.b}) against A ({args.a}): {result['n_images']} images, paired bootstrap, "
+          f"{args.resamples} resamples; scores x 100")
+    print(f"{'metric':8s} {'A':>6s} {'B':>6s} {'B - A':>6s}  {'95 % interval of B - A':>22s}  B ahead in")
+    for name, m in result["metrics"].items():
+        low, high = m["interval"]
+        print(f"{name:8s} {100 * m['a']:6.2f} {100 * m['b']:6.2f} {100 * m['difference']:+6.2f}  "
+              f"{f'{100 * low:+.2f} to {100 * high:+.2f}':>22s}  {100 * m['b_ahead']:.1f} % of resamples")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -464,7 +493,7 @@ def cmd_measure_memory(args: argparse.Namespace) -> None:
 COMMANDS = {"train": cmd_train, "scst": cmd_scst, "caption": cmd_caption, "eval": cmd_eval, "explain": cmd_explain,
             "serve": cmd_serve, "sweep": cmd_sweep, "info": cmd_info, "demo": cmd_demo, "data": cmd_data,
             "push-to-hub": cmd_push, "index": cmd_index, "measure-memory": cmd_measure_memory,
-            "eval-mc": cmd_eval_mc}
+            "eval-mc": cmd_eval_mc, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

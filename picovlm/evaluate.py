@@ -29,13 +29,11 @@ from picovlm.models.supravl import SupraVL
 from picovlm.tokenizer import clean_caption
 
 
-def coco_metrics(references: Sequence[Sequence[str]], generated: Sequence[str]) -> dict[str, float]:
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, PTB-tokenised), each in [0, 1] (CIDEr: [0, 10])."""
+def ptb_tokenize(references: Sequence[Sequence[str]],
+                 generated: Sequence[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """References and captions as pycocoevalcap scores them (PTB-tokenised, lowercased, punctuation
+    dropped), keyed by image position: ({i: [reference, ...]}, {i: [caption]})."""
     try:
-        from pycocoevalcap.bleu.bleu import Bleu
-        from pycocoevalcap.cider.cider import Cider
-        from pycocoevalcap.meteor.meteor import Meteor
-        from pycocoevalcap.rouge.rouge import Rouge
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError:
         raise UserError("caption metrics need pycocoevalcap and Java: pip install 'picovlm[eval]'") from None
@@ -43,9 +41,20 @@ def coco_metrics(references: Sequence[Sequence[str]], generated: Sequence[str]) 
         raise ValueError("need one generated caption per image and at least one image")
     gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
     res = {i: [{"caption": g}] for i, g in enumerate(generated)}
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print progress chatter
+    with contextlib.redirect_stdout(io.StringIO()):  # the tokenizer prints progress chatter
         tokenizer = PTBTokenizer()
-        gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+        return tokenizer.tokenize(gts), tokenizer.tokenize(res)
+
+
+def coco_metrics(references: Sequence[Sequence[str]], generated: Sequence[str]) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, PTB-tokenised), each in [0, 1] (CIDEr: [0, 10])."""
+    gts, res = ptb_tokenize(references, generated)
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print progress chatter
         bleu, _ = Bleu(4).compute_score(gts, res)
         meteor, _ = Meteor().compute_score(gts, res)
         rouge, _ = Rouge().compute_score(gts, res)
@@ -75,7 +84,10 @@ def evaluate_captions(model: SupraVL, data_dir: str | Path, split: str = "dev", 
                       limit: int | None = None, **generation: Any) -> dict[str, Any]:
     """Caption a split and score it; returns metrics plus every caption with its references. With no
     strategy, the model's own decoding (see picovlm.generate.resolve_generation); the result names
-    every setting that ran."""
+    every setting that ran, and a 95 % bootstrap interval of each metric but METEOR (see
+    picovlm.significance)."""
+    from picovlm.significance import bootstrap_intervals  # imported here: it builds on this module
+
     gen = dataclasses.asdict(resolve_generation(model, strategy, **generation))
     data = load_split(data_dir, split)
     names, refs = data.names[:limit], data.captions[:limit]
@@ -85,6 +97,7 @@ def evaluate_captions(model: SupraVL, data_dir: str | Path, split: str = "dev", 
     return {
         "split": split, "strategy": strategy, "generation": gen, "n_images": len(names),
         "metrics": coco_metrics(refs, generated),
+        "intervals": bootstrap_intervals(refs, generated),
         "diversity": diversity_metrics(generated, train_captions),
         "captions": [{"image": n, "caption": g, "references": r} for n, g, r in zip(names, generated, refs)],
         "image_dir": str(data.image_dir),
@@ -103,7 +116,9 @@ def write_report(result: dict[str, Any], out_dir: str | Path, grid_size: int = 1
         "", f"{result['n_images']} images, all references per image; pycocoevalcap with its PTB tokenizer.", "",
         "| " + " | ".join(m) + " |", "|" + " --- |" * len(m),
         "| " + " | ".join(f"{100 * v:.1f}" for v in m.values()) + " |",
-        "", "Scores x 100 (CIDEr too, as is customary).", "", "## Diversity", "",
+        "| " + " | ".join(_interval_text(result.get("intervals", {}).get(k)) for k in m) + " |",
+        "", "Scores x 100 (CIDEr too, as is customary); the second row: the 95 % interval of each over "
+        "1,000 resamples of the images (bootstrap; METEOR has none, see picovlm.significance).", "", "## Diversity", "",
         "| " + " | ".join(d) + " |", "|" + " --- |" * len(d),
         "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in d.values()) + " |",
         "", "## Examples", "", "![examples](examples.png)", "",
@@ -112,6 +127,10 @@ def write_report(result: dict[str, Any], out_dir: str | Path, grid_size: int = 1
         lines.append(f"- `{row['image']}`: **{row['caption']}** (reference: {row['references'][0]})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out
+
+
+def _interval_text(interval: Sequence[float] | None) -> str:
+    return "-" if interval is None else f"{100 * interval[0]:.1f}-{100 * interval[1]:.1f}"
 
 
 def _plot_examples(result: dict[str, Any], path: Path, n: int) -> None:

@@ -282,28 +282,35 @@ def _ngram_counts(tokens: Sequence) -> list[Counter]:
 class BleuReferences:
     """A reference set prepared for sentence_bleu: each n-gram's largest count in any one
     reference (what a candidate's count of it is clipped to) and the references' lengths.
-    mbr scores every beam against the same sets, so it prepares each set once."""
+    mbr scores every beam against the same sets, so it prepares each set once. Works on any
+    sequences of hashable items: token ids here, words in picovlm.significance."""
 
-    def __init__(self, references: list[list[int]]):
+    def __init__(self, references: Sequence[Sequence]):
         self.clip: list[Counter] = [Counter() for _ in range(4)]  # clip[n - 1]: n-gram -> largest count
         for ref in references:
             for clip, counts in zip(self.clip, _ngram_counts(ref)):
                 clip |= counts  # | keeps each n-gram's largest count
         self.lengths = [len(ref) for ref in references]
 
-    def score(self, candidate: list[int], counts: list[Counter] | None = None) -> float:
+    def statistics(self, candidate: Sequence, counts: list[Counter] | None = None) -> tuple[list[int], int]:
+        """What corpus BLEU sums over a split for one candidate: its clipped n-gram matches for
+        n = 1..4, and the length of the reference closest to its own (the shorter on a tie)."""
+        matched = [sum(min(c, clip.get(g, 0)) for g, c in found.items())
+                   for clip, found in zip(self.clip, counts or _ngram_counts(candidate))]
+        closest = min(self.lengths, key=lambda length: (abs(length - len(candidate)), length), default=0)
+        return matched, closest
+
+    def score(self, candidate: Sequence, counts: list[Counter] | None = None) -> float:
         """sentence_bleu(candidate, the references); `counts`: _ngram_counts(candidate), if known."""
         if not candidate or not self.lengths:
             return 0.0
+        matched, closest = self.statistics(candidate, counts)
+        if matched[0] == 0:  # no word in common: 0, as unsmoothed unigram precision says
+            return 0.0
         log_precision = 0.0
-        for n, (clip, found) in enumerate(zip(self.clip, counts or _ngram_counts(candidate)), start=1):
-            matched = sum(min(c, clip.get(g, 0)) for g, c in found.items())
-            total = max(len(candidate) - n + 1, 0)
+        for n, found in enumerate(matched, start=1):
             smooth = 0 if n == 1 else 1
-            if matched + smooth == 0:
-                return 0.0
-            log_precision += math.log((matched + smooth) / (total + smooth)) / 4
-        closest = min(self.lengths, key=lambda length: (abs(length - len(candidate)), length))
+            log_precision += math.log((found + smooth) / (max(len(candidate) - n + 1, 0) + smooth)) / 4
         brevity = min(0.0, 1.0 - closest / len(candidate))
         return math.exp(brevity + log_precision)
 

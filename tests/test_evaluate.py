@@ -47,8 +47,11 @@ def test_eval_cli_writes_report(tmp_path: Path, trained_run: Path, shapes_dir: P
                  "--strategy", "greedy", "--json", "--out", str(tmp_path / "report")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_images"] == 8 and 0 < summary["metrics"]["BLEU-1"] <= 1
+    low, high = summary["intervals"]["BLEU-1"]
+    assert low <= summary["metrics"]["BLEU-1"] <= high and "METEOR" not in summary["intervals"]
     assert (tmp_path / "report" / "examples.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| BLEU-1 |" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| BLEU-1 |" in report and f"| {100 * low:.1f}-{100 * high:.1f} |" in report
     assert len(json.loads((tmp_path / "report" / "eval.json").read_text())["captions"]) == 8
 
 
