@@ -112,3 +112,39 @@ def test_two_gloo_processes_train_on_cached_mirrored_features(tmp_path: Path, sh
     weights = [load_file(run / "last" / "model.safetensors") for run in (one, two)]
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_gloo_processes_train_a_nanovlm_as_one_does(tmp_path: Path) -> None:
+    """The nanoVLM family under torchrun: conversations of different lengths split over two processes
+    give the one-process loss and weights (no BatchNorm here, so only summation order differs)."""
+    from picovlm.data.cauldron import write_shapes_vqa
+    from tests.test_nanovlm import tiny_nanovlm
+
+    vqa = write_shapes_vqa(tmp_path / "vqa", n_train=64, n_val=16, n_multiple_choice=8, size=32)
+    fields = dict(lm_vocab_size=300, lm_max_text_len=96)
+    steps, batch = 5, 8
+    tc = TrainConfig(epochs=1, max_steps=steps, batch_size=batch, lr=3e-3, warmup_steps=2, precision="fp32",
+                     log_every=1)
+    one = tmp_path / "one"
+    train(tiny_nanovlm(**fields), tc, one, data_dir=vqa, progress_bar=False)
+
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "picovlm.cli", "train", "--data", str(vqa), "--out", str(two), "--epochs", "1",
+           "--max-steps", str(steps), "--batch-size", str(batch), "--lr", "3e-3", "--warmup-steps", "2",
+           "--precision", "fp32", "--log-every", "1", "--no-progress", "--device", "cpu"]
+    config = tiny_nanovlm(**fields)
+    for name in ("vision_type", "lm_type", "fusion", "img_size", "vit_img_size", "vit_patch_size", "vit_hidden_dim",
+                 "vit_inter_dim", "vit_n_heads", "vit_n_blocks", "mp_pixel_shuffle_factor", "lm_hidden_dim",
+                 "lm_inter_dim", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks", "lm_max_position_embeddings",
+                 *fields):
+        cmd += ["--set", f"{name}={getattr(config, name)}"]
+    summary = _torchrun(cmd)
+    assert summary["processes"] == 2 and summary["steps"] == steps
+    single, double = _losses(one), _losses(two)
+    assert len(single) == len(double) == steps
+    for a, b in zip(single, double):
+        assert abs(a - b) / a < 1e-4, (single, double)
+    weights = [load_file(run / "last" / "model.safetensors") for run in (one, two)]
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5, msg=name)
