@@ -1,5 +1,5 @@
 """`picovlm train` under torchrun: two gloo processes follow the one-process loss trajectory, from
-pixels, from streamed shards and from cached backbone features."""
+pixels, from streamed shards and from cached backbone features, and for a NanoVLM."""
 
 from __future__ import annotations
 
