@@ -5,6 +5,7 @@
     picovlm scst --model DIR ...      picovlm.scst.self_critical
     picovlm caption IMG --model DIR   picovlm.load(DIR).caption(...)
     picovlm eval --model DIR --data D picovlm.evaluate.evaluate_captions
+    picovlm compare EVAL_A EVAL_B     picovlm.significance.compare_evals
     picovlm explain IMG --model DIR   picovlm.explain.explain + draw_explanation
     picovlm serve --model DIR         picovlm.serve.serve
     picovlm sweep GRID.yaml           picovlm.sweep.run_sweep
@@ -13,6 +14,7 @@
     picovlm data make-shards D OUT    picovlm.data.shards.write_shards
     picovlm data make-vqa OUT         picovlm.data.cauldron.write_shapes_vqa
     picovlm data build-cauldron ...   picovlm.data.cauldron.build_cauldron
+    picovlm index --model DIR --data  picovlm.neighbours.add_index
     picovlm push-to-hub DIR REPO      picovlm.hub.push_to_hub
     picovlm eval-mc --model DIR       picovlm.mmstar.evaluate_multiple_choice
     picovlm measure-memory --preset P picovlm.memory.measure_memory
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", help="eval.json, or the folder picovlm eval --out wrote it to")
     p.add_argument("b", help="the same for the other system")
     p.add_argument("--resamples", type=int, default=1000, help="resamples of the images (default: 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("explain", help="per-word attention maps over the image, as a PNG strip")
