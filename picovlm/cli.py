@@ -321,6 +321,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import picovlm
     from picovlm.evaluate import evaluate_captions, write_report
+    from picovlm.generate import GenerationConfig
 
     model = picovlm.load(args.model)
     result = evaluate_captions(model, args.data, args.split, args.strategy, args.limit, **_generation_kwargs(args))
@@ -331,8 +332,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    settings = ", ".join(f"{k} {v}" for k, v in result["generation"].items())
-    print(f"{result['n_images']} {args.split} images, {result['strategy']} decoding ({settings})")
+    gen = GenerationConfig(strategy=result["strategy"], **result["generation"])
+    settings = "".join(f", {k} {v}" for k, v in gen.in_effect().items())
+    print(f"{result['n_images']} {args.split} images, {result['strategy']} decoding{settings}")
     print("  " + "  ".join(f"{k} {100 * v:.1f}" for k, v in result["metrics"].items()))
     print("  95 % intervals over resampled images: "
           + "  ".join(f"{k} {100 * lo:.1f}-{100 * hi:.1f}" for k, (lo, hi) in result["intervals"].items()))

@@ -115,6 +115,16 @@ class GenerationConfig:
                 raise UserError("mbr scores its beams against each other (--mbr-temperature) or against the "
                                 "neighbours' captions (--mbr-neighbours), not both: leave one out")
 
+    def in_effect(self) -> dict[str, Any]:
+        """The settings that change what this strategy decodes, unset ones (None, False) left out:
+        a beam search's top_k is ignored, say, and so is left out of the description of a run."""
+        own = {"greedy": (), "beam": ("beam_width", "length_penalty"),
+               "mbr": ("beam_width", "length_penalty", "mbr_temperature", "mbr_neighbours"),
+               "sample": ("temperature", "seed"), "topk": ("temperature", "top_k", "seed"),
+               "topp": ("temperature", "top_p", "seed")}[self.strategy]
+        settings = {name: getattr(self, name) for name in (*own, "max_new_tokens", "mirror", "center_crop")}
+        return {name: value for name, value in settings.items() if value is not None and value is not False}
+
     @property
     def n_views(self) -> int:
         """Views decoded together per image: itself, [its mirror], [the centre crop of each]."""

@@ -72,3 +72,6 @@ def test_eval_runs_the_checkpoints_own_decoding_unless_told_otherwise(tmp_path: 
                  for name, run in runs.items()}
     # a named strategy starts from picovlm's defaults, not from settings stored for another one
     assert decodings == {"stored": ("mbr", 4, True), "width 2": ("mbr", 2, False), "beam": ("beam", 3, False)}
+    assert main(args[:-1]) == 0  # as text: the settings that took effect, not every field
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("mbr decoding, beam_width 4, length_penalty 0.0, mirror True"), first

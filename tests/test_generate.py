@@ -311,6 +311,16 @@ def test_bad_generation_settings_are_user_errors(model_and_pixels) -> None:
             generate(model, pixels, GenerationConfig(center_crop=share))
 
 
+def test_in_effect_names_the_settings_each_strategy_reads() -> None:
+    assert GenerationConfig(strategy="greedy", beam_width=5, top_k=3).in_effect() == {}
+    assert GenerationConfig(top_p=0.5, seed=1).in_effect() == {"beam_width": 3, "length_penalty": 0.0}
+    assert GenerationConfig(strategy="topk", seed=3, mirror=True).in_effect() == {
+        "temperature": 1.0, "top_k": 50, "seed": 3, "mirror": True}
+    assert GenerationConfig(strategy="mbr", beam_width=8, mbr_neighbours=30, center_crop=0.8,
+                            max_new_tokens=12).in_effect() == {
+        "beam_width": 8, "length_penalty": 0.0, "mbr_neighbours": 30, "max_new_tokens": 12, "center_crop": 0.8}
+
+
 def test_kv_cache_overflow_is_refused() -> None:
     cache = KVCache(n_layers=1, batch_size=1, n_heads=1, max_len=4, head_dim=2)
     cache.update(0, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))
