@@ -30,25 +30,30 @@ from picovlm.tokenizer import clean_caption
 
 
 def ptb_tokenize(references: Sequence[Sequence[str]],
-                 generated: Sequence[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
-    """References and captions as pycocoevalcap scores them (PTB-tokenised, lowercased, punctuation
-    dropped), keyed by image position: ({i: [reference, ...]}, {i: [caption]})."""
+                 *generated: Sequence[str]) -> tuple[dict[int, list[str]], ...]:
+    """References and each system's captions as pycocoevalcap scores them (PTB-tokenised,
+    lowercased, punctuation dropped), keyed by image position: ({i: [reference, ...]}, {i: [caption]},
+    ...); the references are tokenised once however many systems are given."""
     try:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError:
         raise UserError("caption metrics need pycocoevalcap and Java: pip install 'picovlm[eval]'") from None
-    if len(references) != len(generated) or not generated:
+    if not generated or any(len(references) != len(captions) or not captions for captions in generated):
         raise ValueError("need one generated caption per image and at least one image")
     gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
-    res = {i: [{"caption": g}] for i, g in enumerate(generated)}
     with contextlib.redirect_stdout(io.StringIO()):  # the tokenizer prints progress chatter
         tokenizer = PTBTokenizer()
-        return tokenizer.tokenize(gts), tokenizer.tokenize(res)
+        return tokenizer.tokenize(gts), *(tokenizer.tokenize({i: [{"caption": g}] for i, g in enumerate(captions)})
+                                          for captions in generated)
 
 
 def coco_metrics(references: Sequence[Sequence[str]], generated: Sequence[str]) -> dict[str, float]:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, PTB-tokenised), each in [0, 1] (CIDEr: [0, 10])."""
-    gts, res = ptb_tokenize(references, generated)
+    return tokenized_metrics(*ptb_tokenize(references, generated))
+
+
+def tokenized_metrics(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
+    """coco_metrics of references and captions that ptb_tokenize has already tokenised."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -86,7 +91,7 @@ def evaluate_captions(model: SupraVL, data_dir: str | Path, split: str = "dev", 
     strategy, the model's own decoding (see picovlm.generate.resolve_generation); the result names
     every setting that ran, and a 95 % bootstrap interval of each metric but METEOR (see
     picovlm.significance)."""
-    from picovlm.significance import bootstrap_intervals  # imported here: it builds on this module
+    from picovlm.significance import ImageScores  # imported here: it builds on this module
 
     gen = dataclasses.asdict(resolve_generation(model, strategy, **generation))
     data = load_split(data_dir, split)
@@ -94,10 +99,11 @@ def evaluate_captions(model: SupraVL, data_dir: str | Path, split: str = "dev", 
     generated = model.caption([data.image_dir / n for n in names], **gen)
     train_captions = [c for caps in load_split(data_dir, "train").captions for c in caps] if split != "train" else []
     strategy = gen.pop("strategy")
+    gts, res = ptb_tokenize(refs, generated)  # once, for the metrics and their intervals
     return {
         "split": split, "strategy": strategy, "generation": gen, "n_images": len(names),
-        "metrics": coco_metrics(refs, generated),
-        "intervals": bootstrap_intervals(refs, generated),
+        "metrics": tokenized_metrics(gts, res),
+        "intervals": ImageScores.from_tokenized(gts, res).intervals(),
         "diversity": diversity_metrics(generated, train_captions),
         "captions": [{"image": n, "caption": g, "references": r} for n, g, r in zip(names, generated, refs)],
         "image_dir": str(data.image_dir),

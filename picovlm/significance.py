@@ -49,6 +49,22 @@ class ImageScores:
     rouge: np.ndarray  # (N,) ROUGE-L of each caption
     cider: np.ndarray  # (N,) CIDEr-D of each caption
 
+    @classmethod
+    def from_tokenized(cls, gts: dict[int, list[str]], res: dict[int, list[str]]) -> ImageScores:
+        """Each image's BLEU statistics, ROUGE-L and CIDEr-D from picovlm.evaluate.ptb_tokenize's output."""
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        rows = []
+        for i in range(len(res)):
+            words = res[i][0].split()
+            matched, closest = BleuReferences([r.split() for r in gts[i]]).statistics(words)
+            rows.append([len(words), closest, *matched, *(max(len(words) - n + 1, 0) for n in range(1, 5))])
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, rouge = Rouge().compute_score(gts, res)
+            _, cider = Cider().compute_score(gts, res)
+        return cls(np.array(rows, dtype=np.float64), np.asarray(rouge, np.float64), np.asarray(cider, np.float64))
+
     def corpus(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """Every metric of every resample: weights (R, N) -> {metric: (R,)}. A row of ones is the
         split itself."""
@@ -63,22 +79,16 @@ class ImageScores:
         scores["CIDEr"] = weights @ self.cider / drawn
         return scores
 
+    def intervals(self, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+        """{metric: (low, high)}: the central `level` share of each metric over `resamples` resamples
+        of the images (percentile bootstrap), on the metric's own scale."""
+        drawn = self.corpus(_resample_weights(len(self.bleu), resamples, seed))
+        return {m: _interval(drawn[m], level) for m in METRICS}
+
 
 def image_scores(references: Sequence[Sequence[str]], generated: Sequence[str]) -> ImageScores:
     """Tokenise as pycocoevalcap does, then each image's BLEU statistics, ROUGE-L and CIDEr-D."""
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    gts, res = ptb_tokenize(references, generated)
-    rows = []
-    for i in range(len(generated)):
-        words = res[i][0].split()
-        matched, closest = BleuReferences([r.split() for r in gts[i]]).statistics(words)
-        rows.append([len(words), closest, *matched, *(max(len(words) - n + 1, 0) for n in range(1, 5))])
-    with contextlib.redirect_stdout(io.StringIO()):
-        _, rouge = Rouge().compute_score(gts, res)
-        _, cider = Cider().compute_score(gts, res)
-    return ImageScores(np.array(rows, dtype=np.float64), np.asarray(rouge, np.float64), np.asarray(cider, np.float64))
+    return ImageScores.from_tokenized(*ptb_tokenize(references, generated))
 
 
 def _resample_weights(n_images: int, resamples: int, seed: int) -> np.ndarray:
@@ -94,11 +104,8 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
 
 def bootstrap_intervals(references: Sequence[Sequence[str]], generated: Sequence[str], resamples: int = 1000,
                         seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """{metric: (low, high)}: the central `level` share of each metric over `resamples` resamples
-    of the images (percentile bootstrap), on the metric's own scale."""
-    scores = image_scores(references, generated)
-    drawn = scores.corpus(_resample_weights(len(generated), resamples, seed))
-    return {m: _interval(drawn[m], level) for m in METRICS}
+    """ImageScores.intervals of these captions: each metric's bootstrap interval."""
+    return image_scores(references, generated).intervals(resamples, seed, level)
 
 
 def paired_bootstrap(references: Sequence[Sequence[str]], generated_a: Sequence[str], generated_b: Sequence[str],
@@ -108,7 +115,8 @@ def paired_bootstrap(references: Sequence[Sequence[str]], generated_a: Sequence[
     where B scores higher)}}."""
     if len(generated_a) != len(generated_b):
         raise ValueError("A and B must caption the same images")
-    a, b = image_scores(references, generated_a), image_scores(references, generated_b)
+    gts, res_a, res_b = ptb_tokenize(references, generated_a, generated_b)
+    a, b = ImageScores.from_tokenized(gts, res_a), ImageScores.from_tokenized(gts, res_b)
     whole = np.ones((1, len(generated_a)))
     point_a, point_b = a.corpus(whole), b.corpus(whole)
     weights = _resample_weights(len(generated_a), resamples, seed)
