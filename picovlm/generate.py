@@ -460,9 +460,10 @@ def caption_images(model: SupraVL, images: Sequence[ImageLike] | torch.Tensor, s
     if model.tokenizer is None:
         raise ValueError("model has no tokenizer attached; load it with picovlm.load")
     gen = resolve_generation(model, strategy, **kwargs)
-    pixels = preprocess(images, model)
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
     captions: list[str] = []
-    for start in range(0, len(pixels), batch_size):
-        for ids in generate(model, pixels[start:start + batch_size], gen):
-            captions.append(model.tokenizer.decode(ids))
+    for start in range(0, len(images), batch_size):  # decode a batch's files only when it is its turn:
+        pixels = preprocess(images[start:start + batch_size], model)  # a split at once would take GBs
+        captions += [model.tokenizer.decode(ids) for ids in generate(model, pixels, gen)]
     return captions

@@ -341,3 +341,24 @@ def test_pil_images_get_the_pixels_of_their_files(model_and_pixels, tmp_path: Pa
     torch.testing.assert_close(preprocess([image], model), from_file)
     white = preprocess([Image.new("RGB", (40, 40), (255, 255, 255))], model)
     torch.testing.assert_close(from_file[..., -5:, :], white[..., -5:, :])  # transparent rows are white
+
+
+def test_captions_read_their_files_one_batch_at_a_time(model_and_pixels, shapes_dir: Path, monkeypatch) -> None:
+    """caption_images never holds more than a batch of decoded images (a whole split would take
+    GBs), and gives the captions one batch of all the images gives."""
+    import picovlm.generate as generate_module
+
+    model, _ = model_and_pixels
+    dev = load_split(shapes_dir, "dev")
+    paths = [dev.image_dir / n for n in dev.names[:5]]
+    whole = model.caption(paths, strategy="greedy", batch_size=64)
+    sizes: list[int] = []
+
+    def counting(images: list[Path], model: SupraVL) -> torch.Tensor:
+        sizes.append(len(images))
+        return preprocess(images, model)
+
+    monkeypatch.setattr(generate_module, "preprocess", counting)
+    assert model.caption(paths, strategy="greedy", batch_size=2) == whole
+    assert sizes == [2, 2, 1]
+    assert model.caption(str(paths[0]), strategy="greedy") == whole[:1]  # one path, not a list
