@@ -93,7 +93,7 @@ def image_scores(references: Sequence[Sequence[str]], generated: Sequence[str]) 
 
 def _resample_weights(n_images: int, resamples: int, seed: int) -> np.ndarray:
     """(resamples, n_images): how often each resample draws each image, with replacement."""
-    if resamples < 1:  # 0 rows would give nan quantiles, not an error
+    if resamples < 1:  # numpy would fail later with an IndexError (0 rows) or its own ValueError
         raise ValueError(f"resamples must be at least 1, not {resamples}")
     rng = np.random.default_rng(seed)
     return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=resamples).astype(np.float64)
