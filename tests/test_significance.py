@@ -69,7 +69,7 @@ def test_paired_bootstrap_finds_the_better_system_and_no_difference_between_twin
     assert all(m["difference"] == 0 and m["interval"] == (0.0, 0.0) and m["b_ahead"] == 0 for m in twins.values())
     with pytest.raises(ValueError):
         paired_bootstrap(REFS, GOOD, GOOD[:-1])
-    with pytest.raises(ValueError, match="resamples"):  # no resample: no interval, not a nan one
+    with pytest.raises(ValueError, match="resamples"):  # a clear error, not an IndexError from numpy
         paired_bootstrap(REFS, POOR, GOOD, resamples=0)
     with pytest.raises(ValueError, match="resamples"):
         bootstrap_intervals(REFS, GOOD, resamples=0)
